@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The tiny CPU pretraining demo: set up, build the built-in multi-domain corpus (cached), train.
+# Extra arguments are passed to `moe-train train` as dotted overrides, e.g. train.max_steps=50.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+[[ -f data_cache/demo/manifest.json ]] || .venv/bin/moe-train data build --out data_cache/demo
+exec .venv/bin/moe-train train --config configs/tiny_cpu.yaml "$@"

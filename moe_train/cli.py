@@ -1,0 +1,85 @@
+"""`moe-train` command line: train | data | inspect.
+
+Every user error (config, data, checkpoint, run directory) ends as one line on stderr naming what is
+wrong and where, with exit status 2; nothing is written before the inputs are validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moe_train.config import ConfigError, load_config
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from moe_train.data import DataError
+    from moe_train.train.checkpoint import CheckpointError
+    from moe_train.train.trainer import RunDirError
+
+    return (ConfigError, DataError, CheckpointError, RunDirError)
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config with dotted overrides")
+    p.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
+    p.add_argument("--resume", action="store_true", help="same as checkpoint.resume=latest")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 moe.num_experts=16")
+
+
+def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="print parameter counts and FLOPs per token of a config")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moe_train.data.cli import add_data_parser
+
+    parser = argparse.ArgumentParser(prog="moe-train", description="Pretrain Mixture-of-Experts language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    add_data_parser(sub)
+    _add_inspect_parser(sub)
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from moe_train.train.trainer import Trainer
+    from moe_train.utils.logging import setup_logging
+
+    overrides = list(args.overrides) + (["checkpoint.resume=latest"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    setup_logging(cfg.log.level)
+    Trainer(cfg).fit()
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from moe_train.model import count_parameters, flops_per_token
+
+    cfg = load_config(args.config, args.overrides)
+    counts = count_parameters(cfg.model, cfg.moe)
+    flops = flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
+    print(f"parameters: total {counts.total:,} | active {counts.active:,} | embedding {counts.embedding:,}")
+    print(f"training FLOPs per token (seq_len {cfg.train.seq_len}): {flops:,.0f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _run_train(args)
+        if args.command == "inspect":
+            return _run_inspect(args)
+        from moe_train.data.cli import run_data
+
+        return run_data(args)
+    except _user_errors() as exc:
+        print(f"moe-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Token permute: gather rows of x_TH into the order given by src_index_N.
+
+Legend: T tokens, H hidden, N permuted rows (token copies, e.g. T * top_k).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from moe_train import _C  # type: ignore[attr-defined]
+
+    HAS_EXTENSION = True
+except ImportError:
+    _C = None
+    HAS_EXTENSION = False
+
+
+def permute_rows_reference(x_TH: torch.Tensor, src_index_N: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch reference: out[i] = x[src_index[i]]."""
+    return x_TH.index_select(0, src_index_N)
+
+
+def permute_rows(x_TH: torch.Tensor, src_index_N: torch.Tensor) -> torch.Tensor:
+    """Forward-only gather through the C++ CPU kernel when built, else the reference."""
+    if _C is not None and x_TH.device.type == "cpu" and not x_TH.requires_grad:
+        return _C.permute_rows(x_TH, src_index_N)
+    return permute_rows_reference(x_TH, src_index_N)

@@ -1,0 +1,154 @@
+"""Checkpoints: atomic directories `<run.dir>/checkpoints/step_NNNNNNNN`, loaded with weights_only=True.
+
+A save writes everything into a hidden temporary directory beside the final one and renames it into
+place only when complete, so a crash during a save never damages the last good checkpoint (a stale
+temporary directory is ignored and cleaned by the next save). The last `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found or read; the message names the path."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a resumed run needs."""
+
+    step: int
+    """Optimizer steps completed."""
+    consumed_samples: int
+    """Global sample index the next step starts at (the data position)."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """Map checkpoint.resume ('latest', a path, or None) to a checkpoint directory."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"checkpoint.resume=latest but {checkpoint_root(run_dir)} holds no checkpoint")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "model.pt").is_file():
+        raise CheckpointError(f"checkpoint.resume ({resume}) is not a checkpoint directory (no model.pt)")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of torch, python and numpy in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    state: TrainState,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write a checkpoint atomically and prune old ones; returns its directory."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state.step:08d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        torch.save(model_state, tmp / "model.pt")
+        torch.save(optim_state, tmp / "optim.pt")
+        torch.save({"train_state": vars(state), "rng": rng_state()}, tmp / "trainer.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(root, keep_last)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for stale in root.iterdir():
+        if stale.name.startswith(TMP_PREFIX):
+            shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(root.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {str(exc).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Read (train state, model state, optimizer state, rng state) from a checkpoint directory."""
+    trainer = _load(path / "trainer.pt")
+    state = TrainState(**trainer["train_state"])
+    return state, _load(path / "model.pt"), _load(path / "optim.pt"), trainer["rng"]

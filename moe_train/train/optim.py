@@ -1,0 +1,51 @@
+"""AdamW with decoupled weight decay on matrices only; a fused kernel where one is available."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_train.config import OptimConfig
+from moe_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices (decayed) and vectors such as norms and biases (not decayed)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _apex_fused_adam() -> type | None:
+    try:
+        from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return FusedAdam
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW: apex FusedAdam (adam_w_mode) on CUDA when importable, torch fused on CUDA, else foreach."""
+    groups = param_groups(model, optim.weight_decay)
+    kwargs = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps}
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if optim.fused and on_cuda:
+        apex_adam = _apex_fused_adam()
+        if apex_adam is not None:
+            log.info("optimizer: apex FusedAdam")
+            return apex_adam(groups, adam_w_mode=True, **kwargs)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,229 @@
+"""The training loop: global batch → micro-batches with gradient accumulation → clip → AdamW step.
+
+The data of one step travels one way: sample indices [step*G, (step+1)*G) → this rank's slice →
+micro-batches → model forward (router → dispatch → experts → combine) → lm loss (+ aux losses attached
+in backward) → backward → clip → optimizer → metrics. Samples are pure functions of their global index,
+so the data position is a single integer and a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_train.config import Config, save_config, to_dict
+from moe_train.data import Batch, build_train_source, build_val_batches, validate_data
+from moe_train.model import build_model, flops_per_token, set_aux_loss_scale
+from moe_train.train import checkpoint as ckpt
+from moe_train.train.metrics import MetricsWriter, format_progress, peak_flops
+from moe_train.train.optim import build_optimizer, set_lr
+from moe_train.train.schedule import lr_at
+from moe_train.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (e.g. it already holds a run)."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (all ranks agree on these values)."""
+
+    loss: float
+    lm_loss: float
+    lbl: float
+    zloss: float
+    grad_norm: float
+    domain_loss: dict[str, float] = field(default_factory=dict)
+    expert_counts_LE: torch.Tensor | None = None
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create run.dir; refuse to start a fresh run over an existing one (nothing is overwritten)."""
+    run_dir = Path(cfg.run.dir)
+    if cfg.checkpoint.resume is None and ckpt.list_checkpoints(run_dir):
+        raise RunDirError(
+            f"run.dir ({run_dir}) already holds checkpoints; set checkpoint.resume=latest to continue it "
+            "or choose a new run.dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class Trainer:
+    """Single-device training of one config (parallel layouts wrap the model in moe_train.parallel)."""
+
+    def __init__(self, cfg: Config) -> None:
+        validate_data(cfg)
+        resume_path = ckpt.resolve_resume(cfg.run.dir, cfg.checkpoint.resume)
+        self.cfg = cfg
+        self.run_dir = prepare_run_dir(cfg)
+        self.device = _device()
+        self.source = build_train_source(cfg)
+        self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
+        self.model = build_model(cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.state = ckpt.TrainState(step=0, consumed_samples=0)
+        if resume_path is not None:
+            self._restore(resume_path)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard, resume_step=self.state.step)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
+        self.peak_flops = peak_flops(self.device)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _restore(self, path: Path) -> None:
+        state, model_state, optim_state, rng = ckpt.load_checkpoint(path)
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+        ckpt.set_rng_state(rng)
+        self.state = state
+        log.info("resumed from %s at step %d", path, state.step)
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            self.state,
+            self.model.state_dict(),
+            self.optimizer.state_dict(),
+            to_dict(self.cfg),
+            self.cfg.checkpoint.keep_last,
+        )
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of the global batch of `step`."""
+        t = self.cfg.train
+        start = step * t.global_batch_size
+        indices = list(range(start, start + t.global_batch_size))
+        mbs = t.micro_batch_size
+        return [self.source.get_batch(indices[i : i + mbs]) for i in range(0, len(indices), mbs)]
+
+    def _autocast(self) -> Any:
+        enabled = self.cfg.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self, step: int) -> StepResult:
+        """Forward/backward over every micro-batch, clip, and one optimizer step."""
+        self.model.train()
+        batches = self.micro_batches(step)
+        scale = 1.0 / len(batches)
+        set_aux_loss_scale(self.model, scale)
+        totals = {"lm": 0.0, "lbl": 0.0, "zloss": 0.0}
+        domain_sum = torch.zeros(len(self.source.domains), dtype=torch.float64)
+        domain_count = torch.zeros_like(domain_sum)
+        counts_LE = None
+        for batch in batches:
+            tokens, labels = batch.tokens_BS.to(self.device), batch.labels_BS.to(self.device)
+            with self._autocast():
+                out = self.model(tokens, labels)
+            lm_loss = out.token_loss_BS.mean()
+            (lm_loss * scale).backward()
+            totals["lm"] += lm_loss.item() * scale
+            totals["lbl"] += float(out.lbl) * scale
+            totals["zloss"] += float(out.zloss) * scale
+            per_seq = out.token_loss_BS.detach().double().mean(dim=1).cpu()
+            domain_sum.index_add_(0, batch.domain_B, per_seq)
+            domain_count.index_add_(0, batch.domain_B, torch.ones_like(per_seq))
+            counts = out.tokens_per_expert_LE.detach().cpu()
+            counts_LE = counts if counts_LE is None else counts_LE + counts
+        grad_norm = self._clip()
+        set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._result(totals, grad_norm, domain_sum, domain_count, counts_LE)
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+
+    def _result(self, totals: dict, grad_norm: float, dsum: torch.Tensor, dcount: torch.Tensor, counts: Any) -> StepResult:
+        moe = self.cfg.moe
+        loss = totals["lm"] + moe.lbl.coeff * totals["lbl"] + moe.zloss_coeff * totals["zloss"]
+        domain_loss = {
+            name: float(dsum[i] / dcount[i]) for i, name in enumerate(self.source.domains) if dcount[i] > 0
+        }
+        return StepResult(loss, totals["lm"], totals["lbl"], totals["zloss"], grad_norm, domain_loss, counts)
+
+    # -- validation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean token loss per validation domain, and their mean as 'all'."""
+        self.model.eval()
+        losses = {}
+        for domain, batches in self.val_batches.items():
+            total = 0.0
+            for batch in batches:
+                with self._autocast():
+                    out = self.model(batch.tokens_BS.to(self.device), batch.labels_BS.to(self.device))
+                total += out.token_loss_BS.float().mean().item()
+            losses[domain] = total / len(batches)
+        if losses:
+            losses["all"] = sum(losses.values()) / len(losses)
+        return losses
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _record(self, step: int, result: StepResult, elapsed: float) -> dict[str, Any]:
+        t = self.cfg.train
+        tokens = t.global_batch_size * t.seq_len
+        tokens_per_s = tokens / max(elapsed, 1e-9)
+        return {
+            "step": step,
+            "loss": result.loss,
+            "lm_loss": result.lm_loss,
+            "lbl": result.lbl,
+            "zloss": result.zloss,
+            "lr": lr_at(step - 1, self.cfg.optim, t.max_steps),
+            "grad_norm": result.grad_norm,
+            "tokens": step * tokens,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "step_time_s": elapsed,
+            "domain_loss": result.domain_loss,
+        }
+
+    def _should(self, every: int, step: int) -> bool:
+        return step == self.cfg.train.max_steps or (every > 0 and step % every == 0)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train until train.max_steps; returns the per-step metric records of this call."""
+        t = self.cfg.train
+        records: list[dict[str, Any]] = []
+        times: list[float] = []
+        while self.state.step < t.max_steps:
+            start = time.perf_counter()
+            result = self.train_step(self.state.step)
+            self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
+            elapsed = time.perf_counter() - start
+            times.append(elapsed)
+            record = self._record(self.state.step, result, elapsed)
+            records.append(record)
+            self.metrics.write_step(record, result.expert_counts_LE)
+            step = self.state.step
+            if step % t.log_every == 0 or step == t.max_steps or step == 1:
+                eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
+                log.info(format_progress(record, t.max_steps, eta))
+            if self.val_batches and self._should(t.eval_every, step):
+                losses = self.evaluate()
+                self.metrics.write_eval(step, losses)
+                log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+            if self._should(self.cfg.checkpoint.every, step):
+                self.save()
+        self.metrics.close()
+        return records
