@@ -71,7 +71,7 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
 
 def rng_state() -> dict[str, Any]:
     """RNG states of torch, python and numpy in a weights_only-loadable form."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

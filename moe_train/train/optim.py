@@ -13,7 +13,8 @@ log = get_logger(__name__)
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: matrices (decayed) and vectors such as norms and biases (not decayed)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
@@ -34,15 +35,15 @@ def _apex_fused_adam() -> type | None:
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW: apex FusedAdam (adam_w_mode) on CUDA when importable, torch fused on CUDA, else foreach."""
     groups = param_groups(model, optim.weight_decay)
-    kwargs = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps}
+    betas = (optim.beta1, optim.beta2)
     on_cuda = any(p.is_cuda for p in model.parameters())
     if optim.fused and on_cuda:
         apex_adam = _apex_fused_adam()
         if apex_adam is not None:
             log.info("optimizer: apex FusedAdam")
-            return apex_adam(groups, adam_w_mode=True, **kwargs)
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+            return apex_adam(groups, adam_w_mode=True, lr=optim.lr, betas=betas, eps=optim.eps)
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=True)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, foreach=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

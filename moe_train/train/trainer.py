@@ -151,12 +151,12 @@ class Trainer:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
 
-    def _result(self, totals: dict, grad_norm: float, dsum: torch.Tensor, dcount: torch.Tensor, counts: Any) -> StepResult:
+    def _result(
+        self, totals: dict, grad_norm: float, dsum: torch.Tensor, dcount: torch.Tensor, counts: Any
+    ) -> StepResult:
         moe = self.cfg.moe
         loss = totals["lm"] + moe.lbl.coeff * totals["lbl"] + moe.zloss_coeff * totals["zloss"]
-        domain_loss = {
-            name: float(dsum[i] / dcount[i]) for i, name in enumerate(self.source.domains) if dcount[i] > 0
-        }
+        domain_loss = {name: float(dsum[i] / dcount[i]) for i, name in enumerate(self.source.domains) if dcount[i] > 0}
         return StepResult(loss, totals["lm"], totals["lbl"], totals["zloss"], grad_norm, domain_loss, counts)
 
     # -- validation ---------------------------------------------------------------------------

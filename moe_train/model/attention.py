@@ -1,0 +1,65 @@
+"""Grouped-query causal self-attention with RoPE and optional per-head qk-norm.
+
+Legend: B batch, S sequence, H hidden, N query heads, G key/value heads, D head_dim, R = D/2.
+Head counts are read from tensor shapes (`.view(B, S, -1, D)`), never from the config, so
+column-sharded (tensor-parallel) wq/wk/wv work unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_train.model.norms import RMSNorm
+from moe_train.model.rope import apply_rope
+
+try:  # optional fast path; never required
+    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the environment
+    flash_attn_func = None
+
+
+def causal_attention(q_BSND: torch.Tensor, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention -> out_BSND; flash-attn for CUDA fp16/bf16 when installed, else SDPA."""
+    if flash_attn_func is not None and q_BSND.is_cuda and q_BSND.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q_BSND, k_BSGD, v_BSGD, causal=True)
+    q_BNSD, k_BGSD, v_BGSD = (t.transpose(1, 2) for t in (q_BSND, k_BSGD, v_BSGD))
+    gqa = q_BNSD.shape[1] != k_BGSD.shape[1]
+    out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=gqa)
+    return out_BNSD.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """wq/wk/wv (no bias) -> [qk-norm] -> RoPE -> causal GQA -> wo."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.wq = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.wk = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+
+    def forward(self, x_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+        """Self-attention over the sequence; returns out_BSH."""
+        B, S, _ = x_BSH.shape
+        q_BSND = self.wq(x_BSH).view(B, S, -1, self.head_dim)
+        k_BSGD = self.wk(x_BSH).view(B, S, -1, self.head_dim)
+        v_BSGD = self.wv(x_BSH).view(B, S, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BSND, k_BSGD = self.q_norm(q_BSND), self.k_norm(k_BSGD)
+        q_BSND = apply_rope(q_BSND, cos_SR, sin_SR)
+        k_BSGD = apply_rope(k_BSGD, cos_SR, sin_SR)
+        out_BSND = causal_attention(q_BSND, k_BSGD, v_BSGD)
+        return self.wo(out_BSND.reshape(B, S, -1))

@@ -1,0 +1,82 @@
+"""MoE feed-forward layer: router -> dispatcher -> experts -> combine (+ shared experts).
+
+Legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, N token copies sorted by expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_train.config import MoEConfig
+from moe_train.model.mlp import FeedForward
+from moe_train.model.moe.dispatcher import TokenDispatcher
+from moe_train.model.moe.experts import GroupedExperts
+from moe_train.model.moe.losses import AttachAuxLoss, load_balancing_loss
+from moe_train.model.moe.router import Routing, TopKRouter
+
+
+@dataclass
+class MoEStats:
+    """Detached statistics of one MoE layer's last forward."""
+
+    lbl: torch.Tensor
+    """Load-balancing loss (unweighted, fp32 scalar)."""
+    zloss: torch.Tensor
+    """Router z-loss (unweighted, fp32 scalar)."""
+    tokens_per_expert_E: torch.Tensor
+    """Assignments per expert before capacity drops (int64)."""
+
+
+def shared_ffn_size(moe_cfg: MoEConfig) -> int:
+    """Hidden size of the fused shared-expert MLP (0 when there are none)."""
+    per_expert = moe_cfg.shared_expert_ffn_hidden_size or moe_cfg.expert_ffn_hidden_size
+    return moe_cfg.num_shared_experts * per_expert
+
+
+class MoELayer(nn.Module):
+    """Token-choice top-k MoE FFN. Attaches its weighted aux loss to the output's backward.
+
+    The attached loss is (lbl.coeff * lbl + zloss_coeff * z) / num_moe_layers, with gradient
+    `aux_loss_scale` (set it for the whole model with `set_aux_loss_scale`).
+    """
+
+    def __init__(self, hidden_size: int, moe_cfg: MoEConfig, num_moe_layers: int, layer_id: int = 0) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.top_k = moe_cfg.top_k
+        self.lbl_coeff = moe_cfg.lbl.coeff / num_moe_layers
+        self.zloss_coeff = moe_cfg.zloss_coeff / num_moe_layers
+        self.aux_loss_scale = 1.0
+        self.router = TopKRouter(
+            hidden_size, moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.score_func, moe_cfg.norm_topk_prob
+        )
+        self.dispatcher = TokenDispatcher(moe_cfg.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
+        self.experts = GroupedExperts(moe_cfg.num_experts, hidden_size, moe_cfg.expert_ffn_hidden_size)
+        shared = shared_ffn_size(moe_cfg)
+        self.shared_experts = FeedForward(hidden_size, shared) if shared > 0 else None
+        self.last_stats: MoEStats | None = None
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        """x_BSH -> y_BSH; records `last_stats`."""
+        B, S, H = x_BSH.shape
+        x_TH = x_BSH.reshape(B * S, H)
+        routing = self.router(x_TH)
+        x_sorted_NH, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TH, routing)
+        y_sorted_NH = self.experts(x_sorted_NH, tokens_per_expert_E)
+        y_TH = self.dispatcher.combine(y_sorted_NH, ctx)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        y_TH = self._attach_aux_loss(y_TH, routing)
+        return y_TH.view(B, S, H)
+
+    def _attach_aux_loss(self, y_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Compute the aux losses, record stats, and hook the weighted sum onto y's backward."""
+        lbl = load_balancing_loss(routing.tokens_per_expert_E, routing.prob_sum_E, routing.num_tokens, self.top_k)
+        self.last_stats = MoEStats(lbl.detach(), routing.z_loss.detach(), routing.tokens_per_expert_E)
+        if not torch.is_grad_enabled() or (self.lbl_coeff == 0 and self.zloss_coeff == 0):
+            return y_TH
+        aux_loss = self.lbl_coeff * lbl + self.zloss_coeff * routing.z_loss
+        return AttachAuxLoss.apply(y_TH, aux_loss, self.aux_loss_scale)
