@@ -1,0 +1,163 @@
+"""Training and validation batches: `build_train_source(cfg)` and `build_val_batches(cfg)`.
+
+Shape suffixes: B samples in the batch, S = train.seq_len tokens per sample.
+
+A sample is a pure function of (train.seed, global sample index): ask `get_batch` for the global
+indices a rank owns (e.g. step * global_batch_size + its slice) and it returns the same tokens no
+matter which other indices were asked for before, in which order or on which rank. Mixing and
+within-domain order are described in moe_train.data.mixture.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_train.config import Config
+from moe_train.data.errors import DataError
+from moe_train.data.manifest import read_manifest
+from moe_train.data.mixture import EpochOrder, MixturePlan, block_counts
+from moe_train.data.shards import TokenShard
+from moe_train.data.validate import open_shard, selected_domains
+
+log = logging.getLogger(__name__)
+
+MOCK_TRAIN_STREAM = 0
+MOCK_VAL_STREAM = 1
+
+
+@dataclass
+class Batch:
+    """One micro-batch: inputs, next-token labels and the domain of each sample."""
+
+    tokens_BS: torch.Tensor
+    """Input token ids (int64)."""
+    labels_BS: torch.Tensor
+    """Target token ids: the inputs shifted left by one (int64)."""
+    domain_B: torch.Tensor
+    """Index into the source's `domains` of each sample (int64)."""
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on another device."""
+        return Batch(self.tokens_BS.to(device), self.labels_BS.to(device), self.domain_B.to(device))
+
+
+def make_batch(samples: Sequence[np.ndarray], domains: Sequence[int]) -> Batch:
+    """Stack packed samples of S + 1 tokens into a Batch (inputs [:-1], labels [1:])."""
+    packed_BS1 = torch.from_numpy(np.stack(samples).astype(np.int64, copy=False))
+    return Batch(
+        tokens_BS=packed_BS1[:, :-1].contiguous(),
+        labels_BS=packed_BS1[:, 1:].contiguous(),
+        domain_B=torch.tensor(list(domains), dtype=torch.int64),
+    )
+
+
+class TrainSource(ABC):
+    """Random-access training samples; `get_batch` is pure in the sample indices."""
+
+    domains: list[str]
+    """Domain names; Batch.domain_B indexes this list."""
+    seq_len: int
+    """Tokens per sample (S)."""
+
+    @abstractmethod
+    def sample(self, index: int) -> tuple[np.ndarray, int]:
+        """(S + 1 token ids, domain position) of global sample `index`."""
+
+    def get_batch(self, sample_indices: Sequence[int]) -> Batch:
+        """The samples at these global indices, in the order given."""
+        if len(sample_indices) == 0:
+            raise DataError("get_batch needs at least one sample index")
+        bad = [i for i in sample_indices if i < 0]
+        if bad:
+            raise DataError(f"sample indices must be >= 0, got {bad[0]}")
+        pairs = [self.sample(int(i)) for i in sample_indices]
+        return make_batch([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+class ShardSource(TrainSource):
+    """Samples from per-domain token shards mixed by a MixturePlan."""
+
+    def __init__(self, shards: list[TokenShard], domains: list[str], counts: np.ndarray, seq_len: int, seed: int):
+        self.domains = domains
+        self.seq_len = seq_len
+        self.shards = shards
+        self.plan = MixturePlan(counts, seed)
+        self.orders = [EpochOrder(name, s.num_samples(seq_len), seed) for name, s in zip(domains, shards, strict=True)]
+        for name, order in zip(domains, self.orders, strict=True):
+            if order.num_samples < 1:
+                raise DataError(f"domain '{name}' has fewer than seq_len + 1 ({seq_len + 1}) train tokens")
+
+    def sample(self, index: int) -> tuple[np.ndarray, int]:
+        """(S + 1 token ids, domain position) of global sample `index`."""
+        d, k = self.plan.locate(index)
+        return self.shards[d].sample(self.orders[d].sample_id(k), self.seq_len), d
+
+
+class MockSource(TrainSource):
+    """Random tokens in [0, vocab_size); sample i comes from a generator seeded by (seed, stream, i)."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, stream: int = MOCK_TRAIN_STREAM) -> None:
+        self.domains = ["mock"]
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.stream = stream
+
+    def sample(self, index: int) -> tuple[np.ndarray, int]:
+        """(S + 1 random token ids, 0) for global sample `index`."""
+        rng = np.random.default_rng([self.seed, self.stream, index])
+        return rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64), 0
+
+
+def build_train_source(cfg: Config) -> TrainSource:
+    """The training source of a config: MockSource when data.mock, else the shards of data.dir."""
+    if cfg.data.mock:
+        return MockSource(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+    root = Path(cfg.data.dir)
+    domains = selected_domains(cfg, read_manifest(root))
+    shards = [open_shard(root, d, "train") for d in domains]
+    counts = block_counts(len(domains), cfg.data.domain_weights)
+    for name, w, c in zip(domains, cfg.data.domain_weights or [], counts, strict=False):
+        if w > 0 and c == 0:
+            log.warning("data.domain_weights: weight %g of domain '%s' rounds to 0 samples per block", w, name)
+    return ShardSource(shards, domains, counts, cfg.train.seq_len, cfg.train.seed)
+
+
+def val_sample_ids(num_samples: int, needed: int) -> list[int]:
+    """`needed` packed sample ids spread evenly over a split of `num_samples` (repeating if short)."""
+    if num_samples >= needed:
+        return [(j * num_samples) // needed for j in range(needed)]
+    return [j % num_samples for j in range(needed)]
+
+
+def _val_batches_for(shard: TokenShard, domain: str, d: int, cfg: Config) -> list[Batch]:
+    seq_len, mbs = cfg.train.seq_len, cfg.train.micro_batch_size
+    n = shard.num_samples(seq_len)
+    if n < 1:
+        raise DataError(f"domain '{domain}' has fewer than seq_len + 1 ({seq_len + 1}) val tokens in {shard.path}")
+    needed = cfg.train.eval_batches * mbs
+    if n < needed:
+        log.warning("domain '%s': %d val samples < %d wanted; repeating them", domain, n, needed)
+    ids = val_sample_ids(n, needed)
+    return [
+        make_batch([shard.sample(k, seq_len) for k in ids[j : j + mbs]], [d] * len(ids[j : j + mbs]))
+        for j in range(0, needed, mbs)
+    ]
+
+
+def build_val_batches(cfg: Config) -> dict[str, list[Batch]]:
+    """train.eval_batches micro-batches per domain from the held-out split, the same every call."""
+    mbs = cfg.train.micro_batch_size
+    if cfg.data.mock:
+        mock = MockSource(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, stream=MOCK_VAL_STREAM)
+        return {"mock": [mock.get_batch(range(j * mbs, (j + 1) * mbs)) for j in range(cfg.train.eval_batches)]}
+    root = Path(cfg.data.dir)
+    domains = selected_domains(cfg, read_manifest(root))
+    return {name: _val_batches_for(open_shard(root, name, "val"), name, d, cfg) for d, name in enumerate(domains)}
