@@ -68,8 +68,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.10", "types-PyYAML"],
-        "reference": ["megatron-core>=0.9"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "megatron-core>=0.12"],
         "bench": ["transformers>=4.51"],
         "deepspeed": ["deepspeed>=0.15"],
         "gpu": ["flash-attn>=2.6", "apex"],

@@ -1,0 +1,73 @@
+"""How each local parameter relates to the single-device model: the contract between the parallel pieces.
+
+Tensor/expert/pipeline parallelism replace or slice parameters of the single-device model; data
+parallelism, gradient clipping and layout-independent checkpoints then need, for every local parameter:
+
+- its canonical name (the FQN in the single-device model) and canonical (full) shape;
+- how it is sharded: an ordered list of (group kind, dim) — the canonical tensor is split evenly along
+  `dim` over the ranks of that group, rank i holding chunk i (nested in list order);
+- over which group kinds its gradient must be summed (each such group's ranks compute disjoint parts of
+  the same loss's gradient: "dp" for dense params, "edp" for experts, plus "tp" for params replicated
+  inside a sequence-parallel region). After the sum every grad is divided by the attention-side dp size,
+  because each data-parallel replica's loss is a mean over its own tokens;
+- over which group kinds it is replicated (identical copies): the global grad norm counts a parameter
+  only on rank 0 of each such group, so every parameter is counted exactly once.
+
+Parameters without metadata are dense, unsharded, replicated over "dp", grads summed over "dp".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+META_ATTR = "_moe_train_meta"
+
+
+@dataclass
+class ParamMeta:
+    """Placement of one local parameter relative to the single-device model."""
+
+    canonical_name: str
+    """FQN in the single-device model, e.g. 'layers.3.attention.wq.weight'."""
+    canonical_shape: tuple[int, ...]
+    """Shape in the single-device model."""
+    shards: list[tuple[str, int]] = field(default_factory=list)
+    """(group kind, dim) splits, outermost first; e.g. [('ep', 0), ('etp', 2)] for w1_EHF."""
+    grad_sum_kinds: tuple[str, ...] = ("dp",)
+    """Group kinds over which this parameter's gradient is summed before dividing by dp."""
+    replicated_kinds: tuple[str, ...] = ("dp",)
+    """Group kinds holding identical copies (counted once in the grad norm: on rank 0 of each)."""
+    is_expert: bool = False
+    """Routed-expert parameter (reduced over the expert-data-parallel group)."""
+
+
+def get_meta(param: torch.Tensor) -> ParamMeta | None:
+    """The metadata attached to a parameter, if any."""
+    return getattr(param, META_ATTR, None)
+
+
+def set_meta(param: torch.Tensor, meta: ParamMeta) -> None:
+    """Attach metadata to a parameter (replacing any earlier one)."""
+    setattr(param, META_ATTR, meta)
+
+
+def ensure_meta(model: nn.Module, prefix: str = "") -> dict[str, ParamMeta]:
+    """Give every parameter without metadata the dense default; return {local name: meta}."""
+    metas = {}
+    for name, param in model.named_parameters():
+        meta = get_meta(param)
+        if meta is None:
+            meta = ParamMeta(canonical_name=prefix + name, canonical_shape=tuple(param.shape))
+            set_meta(param, meta)
+        metas[name] = meta
+    return metas
+
+
+def shard_slice(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s contiguous chunk of `full` split evenly into `size` along `dim` (a copy)."""
+    if full.shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {full.shape[dim]} is not divisible by {size}")
+    return full.chunk(size, dim=dim)[rank].contiguous().clone()
