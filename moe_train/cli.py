@@ -24,6 +24,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config with dotted overrides")
     p.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
     p.add_argument("--resume", action="store_true", help="same as checkpoint.resume=latest")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the layout for --world-size ranks, print process groups and per-rank memory, exit",
+    )
+    p.add_argument("--world-size", type=int, default=None, help="ranks for --dry-run (default $WORLD_SIZE or 1)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 moe.num_experts=16")
 
 
@@ -45,13 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import os
+
+    from moe_train.parallel import destroy_distributed, dry_run_report, init_distributed
     from moe_train.train.trainer import Trainer
     from moe_train.utils.logging import setup_logging
 
     overrides = list(args.overrides) + (["checkpoint.resume=latest"] if args.resume else [])
     cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run_report(cfg, world_size))
+        return 0
     setup_logging(cfg.log.level)
-    Trainer(cfg).fit()
+    groups = init_distributed(cfg)
+    try:
+        Trainer(cfg, groups).fit()
+    finally:
+        destroy_distributed()
     return 0
 
 

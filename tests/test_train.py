@@ -151,3 +151,11 @@ def test_cli_inspect_prints_counts() -> None:
     proc = _cli("inspect", *TINY)
     assert proc.returncode == 0, proc.stderr
     assert "total" in proc.stdout and "active" in proc.stdout and "FLOPs per token" in proc.stdout
+
+
+def test_cli_dry_run_prints_layout_and_rejects_bad_layout() -> None:
+    proc = _cli("train", "--dry-run", "--world-size", "8", *TINY, "parallel.tp=2", "parallel.ep=4")
+    assert proc.returncode == 0, proc.stderr
+    assert "attention [pp 1, dp 4, tp 2]" in proc.stdout and "experts [pp 1, edp 2, ep 4, etp 1]" in proc.stdout
+    assert "ep             2 x 4     [0, 1, 2, 3] [4, 5, 6, 7]" in proc.stdout
+    _assert_one_line_error(_cli("train", "--dry-run", "--world-size", "6", *TINY, "parallel.tp=4"), "world size (6)")

@@ -19,6 +19,7 @@ Parameters without metadata are dense, unsharded, replicated over "dp", grads su
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,3 +72,25 @@ def shard_slice(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Ten
     if full.shape[dim] % size:
         raise ValueError(f"dimension {dim} of size {full.shape[dim]} is not divisible by {size}")
     return full.chunk(size, dim=dim)[rank].contiguous().clone()
+
+
+def _coordinate(groups: Any, kind: str) -> tuple[int, int]:
+    """(index of this rank in its `kind` group, size of that group)."""
+    ranks = groups.ranks[kind]
+    return ranks.index(groups.rank), len(ranks)
+
+
+def canonical_slices(meta: ParamMeta, groups: Any) -> tuple[slice, ...]:
+    """Where this rank's local tensor sits inside the canonical tensor (nested even splits)."""
+    starts = [0] * len(meta.canonical_shape)
+    lengths = list(meta.canonical_shape)
+    for kind, dim in meta.shards:
+        index, size = _coordinate(groups, kind)
+        lengths[dim] //= size
+        starts[dim] += index * lengths[dim]
+    return tuple(slice(s, s + n) for s, n in zip(starts, lengths, strict=True))
+
+
+def owns_copy(meta: ParamMeta, groups: Any) -> bool:
+    """Whether this rank holds the copy of its shard that counts (rank 0 of every replicated kind)."""
+    return all(_coordinate(groups, kind)[0] == 0 for kind in meta.replicated_kinds)

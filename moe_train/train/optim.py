@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from moe_train.config import OptimConfig
+from moe_train.parallel.groups import ProcessGroups
+from moe_train.parallel.parallelize import ParallelModel
 from moe_train.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
     """Two groups: matrices (decayed) and vectors such as norms and biases (not decayed)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
+    for param in params:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [
@@ -32,11 +36,21 @@ def _apex_fused_adam() -> type | None:
     return FusedAdam
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW: apex FusedAdam (adam_w_mode) on CUDA when importable, torch fused on CUDA, else foreach."""
-    groups = param_groups(model, optim.weight_decay)
+def build_optimizer(
+    model: nn.Module | ParallelModel, optim: OptimConfig, process_groups: ProcessGroups | None = None, zero1: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW: apex FusedAdam (adam_w_mode) on CUDA when importable, torch fused on CUDA, else foreach.
+
+    With `zero1` and more than one rank, the optimizer state is sharded over data-parallel ranks.
+    """
+    params = list(model.parameters())
+    if zero1 and process_groups is not None and process_groups.world_size > 1:
+        from moe_train.parallel.zero import build_zero_optimizer
+
+        return build_zero_optimizer(params, optim, process_groups)
+    groups = param_groups(params, optim.weight_decay)
     betas = (optim.beta1, optim.beta2)
-    on_cuda = any(p.is_cuda for p in model.parameters())
+    on_cuda = any(p.is_cuda for p in params)
     if optim.fused and on_cuda:
         apex_adam = _apex_fused_adam()
         if apex_adam is not None:

@@ -18,11 +18,15 @@ import torch
 
 from moe_train.config import Config, save_config, to_dict
 from moe_train.data import Batch, build_train_source, build_val_batches, validate_data
-from moe_train.model import build_model, flops_per_token, set_aux_loss_scale
+from moe_train.model import build_model, flops_per_token
+from moe_train.parallel.groups import ProcessGroups
+from moe_train.parallel.layout import validate_layout
+from moe_train.parallel.parallelize import parallelize
 from moe_train.train import checkpoint as ckpt
 from moe_train.train.metrics import MetricsWriter, format_progress, peak_flops
 from moe_train.train.optim import build_optimizer, set_lr
 from moe_train.train.schedule import lr_at
+from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
 from moe_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -62,37 +66,60 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 class Trainer:
-    """Single-device training of one config (parallel layouts wrap the model in moe_train.parallel)."""
+    """Training of one config on this rank: single process, or one rank of a parallel layout."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, groups: ProcessGroups | None = None) -> None:
+        self.groups = groups or ProcessGroups.single()
+        validate_layout(cfg, self.groups.world_size)
         validate_data(cfg)
         resume_path = ckpt.resolve_resume(cfg.run.dir, cfg.checkpoint.resume)
         self.cfg = cfg
-        self.run_dir = prepare_run_dir(cfg)
+        self.is_main = self.groups.rank == 0
+        self.run_dir = prepare_run_dir(cfg) if self.is_main else Path(cfg.run.dir)
         self.device = _device()
         self.source = build_train_source(cfg)
         self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
-        self.model = build_model(cfg).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
+        self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         if resume_path is not None:
             self._restore(resume_path)
-        save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard, resume_step=self.state.step)
+        if self.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsWriter(
+            self.run_dir, cfg.log.tensorboard, resume_step=self.state.step, enabled=self.is_main
+        )
         self.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
-        self.peak_flops = peak_flops(self.device)
+        self.peak_flops = peak_flops(self.device) * self.groups.world_size
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model of a single-chunk run (the whole model in a single process)."""
+        (chunk,) = self.pmodel.chunks
+        return chunk
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def _restore(self, path: Path) -> None:
-        state, model_state, optim_state, rng = ckpt.load_checkpoint(path)
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optim_state)
-        ckpt.set_rng_state(rng)
-        self.state = state
-        log.info("resumed from %s at step %d", path, state.step)
+        if self.groups.world_size > 1:
+            from moe_train.parallel.dist_checkpoint import load_distributed
+
+            self.state = load_distributed(path, self.pmodel, self.optimizer, self.groups)
+        else:
+            state, model_state, optim_state, rng = ckpt.load_checkpoint(path)
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optim_state)
+            ckpt.set_rng_state(rng)
+            self.state = state
+        log.info("resumed from %s at step %d", path, self.state.step)
 
     def save(self) -> Path:
+        if self.groups.world_size > 1:
+            from moe_train.parallel.dist_checkpoint import save_distributed
+
+            return save_distributed(
+                self.run_dir, self.state, self.pmodel, self.optimizer, to_dict(self.cfg), self.cfg.checkpoint.keep_last
+            )
         return ckpt.save_checkpoint(
             self.run_dir,
             self.state,
@@ -105,10 +132,11 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------
 
     def micro_batches(self, step: int) -> list[Batch]:
-        """This rank's micro-batches of the global batch of `step`."""
+        """This rank's micro-batches: DP replica d takes slice d of the global batch of `step`."""
         t = self.cfg.train
-        start = step * t.global_batch_size
-        indices = list(range(start, start + t.global_batch_size))
+        per_replica = t.global_batch_size // self.groups.dp_size
+        start = step * t.global_batch_size + self.groups.dp_rank * per_replica
+        indices = list(range(start, start + per_replica))
         mbs = t.micro_batch_size
         return [self.source.get_batch(indices[i : i + mbs]) for i in range(0, len(indices), mbs)]
 
@@ -117,47 +145,38 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_step(self, step: int) -> StepResult:
-        """Forward/backward over every micro-batch, clip, and one optimizer step."""
-        self.model.train()
-        batches = self.micro_batches(step)
-        scale = 1.0 / len(batches)
-        set_aux_loss_scale(self.model, scale)
-        totals = {"lm": 0.0, "lbl": 0.0, "zloss": 0.0}
-        domain_sum = torch.zeros(len(self.source.domains), dtype=torch.float64)
-        domain_count = torch.zeros_like(domain_sum)
-        counts_LE = None
-        for batch in batches:
-            tokens, labels = batch.tokens_BS.to(self.device), batch.labels_BS.to(self.device)
-            with self._autocast():
-                out = self.model(tokens, labels)
-            lm_loss = out.token_loss_BS.mean()
-            (lm_loss * scale).backward()
-            totals["lm"] += lm_loss.item() * scale
-            totals["lbl"] += float(out.lbl) * scale
-            totals["zloss"] += float(out.zloss) * scale
-            per_seq = out.token_loss_BS.detach().double().mean(dim=1).cpu()
-            domain_sum.index_add_(0, batch.domain_B, per_seq)
-            domain_count.index_add_(0, batch.domain_B, torch.ones_like(per_seq))
-            counts = out.tokens_per_expert_LE.detach().cpu()
-            counts_LE = counts if counts_LE is None else counts_LE + counts
+        """Forward/backward over this rank's micro-batches, reduce grads, clip, one optimizer step."""
+        self.pmodel.train()
+        stats = forward_backward(
+            self.pmodel, self.micro_batches(step), self.device, self._autocast(), len(self.source.domains)
+        )
+        if self.pmodel.reducer is not None:
+            self.pmodel.reducer.finish()
         grad_norm = self._clip()
         set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._result(totals, grad_norm, domain_sum, domain_count, counts_LE)
+        return self._result(reduce_step_stats(stats, self.groups), grad_norm)
 
     def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        if self.groups.world_size > 1:
+            from moe_train.parallel.clip import clip_grad_norm_
+
+            return float(clip_grad_norm_(self.pmodel.parameters(), max_norm, self.groups))
+        params = [p for p in self.pmodel.parameters() if p.grad is not None]
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
 
-    def _result(
-        self, totals: dict, grad_norm: float, dsum: torch.Tensor, dcount: torch.Tensor, counts: Any
-    ) -> StepResult:
+    def _result(self, stats: StepStats, grad_norm: float) -> StepResult:
         moe = self.cfg.moe
-        loss = totals["lm"] + moe.lbl.coeff * totals["lbl"] + moe.zloss_coeff * totals["zloss"]
-        domain_loss = {name: float(dsum[i] / dcount[i]) for i, name in enumerate(self.source.domains) if dcount[i] > 0}
-        return StepResult(loss, totals["lm"], totals["lbl"], totals["zloss"], grad_norm, domain_loss, counts)
+        loss = stats.lm_loss + moe.lbl.coeff * stats.lbl + moe.zloss_coeff * stats.zloss
+        dsum, dcount = stats.domain_sum, stats.domain_count
+        domain_loss = {
+            name: float(dsum[i] / dcount[i]) for i, name in enumerate(self.source.domains) if dcount[i] > 0
+        }
+        return StepResult(
+            loss, stats.lm_loss, stats.lbl, stats.zloss, grad_norm, domain_loss, stats.expert_counts_LE
+        )
 
     # -- validation ---------------------------------------------------------------------------
 

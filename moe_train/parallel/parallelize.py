@@ -1,0 +1,85 @@
+"""`parallelize(model, groups, cfg)`: the one place where parallelism is applied to the single-device model.
+
+Order (torchtitan style): tensor + sequence parallel → expert (+ expert-tensor) parallel → pipeline
+stages → data-parallel gradient reduction. Every piece slices the full model, built identically on
+every rank from `train.seed`, so each shard starts from exactly the single-device initialisation.
+Each piece is skipped when its size is 1, so a single process gets the model back unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from moe_train.config import Config
+from moe_train.parallel.groups import ProcessGroups
+from moe_train.parallel.param_meta import ParamMeta, ensure_meta
+
+
+@dataclass
+class ParallelModel:
+    """This rank's share of the model and the machinery to train it."""
+
+    chunks: list[nn.Module]
+    """Model chunks held by this rank: the whole model, or its pipeline (virtual) stages."""
+    groups: ProcessGroups
+    """The process groups it was parallelized over."""
+    schedule: Any = None
+    """Pipeline schedule (moe_train.parallel.pipeline) when pp > 1, else None."""
+    reducer: Any = None
+    """Gradient reducer (moe_train.parallel.data_parallel.GradReducer) when world > 1, else None."""
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(local name, parameter) of every chunk; names are unique across chunks."""
+        return [(name, p) for chunk in self.chunks for name, p in chunk.named_parameters()]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def metas(self) -> dict[str, ParamMeta]:
+        """Canonical placement of every local parameter, keyed by local name."""
+        out: dict[str, ParamMeta] = {}
+        for chunk in self.chunks:
+            out.update(ensure_meta(chunk))
+        return out
+
+    def train(self, mode: bool = True) -> None:
+        for chunk in self.chunks:
+            chunk.train(mode)
+
+
+def parallelize(model: nn.Module, groups: ProcessGroups, cfg: Config) -> ParallelModel:
+    """Apply TP/SP → EP → PP → DP to `model` for this rank (in place where possible)."""
+    return attach_grad_reducer(shard_model(model, groups, cfg))
+
+
+def shard_model(model: nn.Module, groups: ProcessGroups, cfg: Config) -> ParallelModel:
+    """TP/SP → EP → PP: this rank's chunks of the model, every parameter with its ParamMeta."""
+    if groups.tp_size > 1:
+        from moe_train.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, groups)
+    if groups.ep_size > 1 or groups.etp_size > 1 or groups.tp_size > 1:
+        from moe_train.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, groups)
+    chunks: list[nn.Module] = [model]
+    schedule = None
+    if groups.pp_size > 1:
+        from moe_train.parallel.pipeline import build_pipeline
+
+        chunks, schedule = build_pipeline(model, groups, cfg)
+    pm = ParallelModel(chunks=chunks, groups=groups, schedule=schedule)
+    pm.metas()
+    return pm
+
+
+def attach_grad_reducer(pm: ParallelModel) -> ParallelModel:
+    """DP: reduce gradients per ParamMeta (bucketed, overlapped with backward) when world > 1."""
+    if pm.groups.world_size > 1:
+        from moe_train.parallel.data_parallel import GradReducer
+
+        pm.reducer = GradReducer(pm.named_parameters(), pm.groups)
+    return pm
