@@ -19,6 +19,7 @@ or a run past `timeout` stops every rank instead of hanging.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -79,7 +80,8 @@ def _worker(
                 backend, init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
             )
         result = fn(rank, world_size, *args)
-        results.put((rank, True, result))
+        # plain pickle bytes: tensors travel by value, not as shared-memory handles that die with the worker
+        results.put((rank, True, pickle.dumps(result)))
         if dist.is_initialized():
             dist.barrier()  # nobody tears down the store (held by rank 0) while others still use it
     except BaseException:
@@ -116,6 +118,7 @@ def _collect(procs: list[Any], results: Any, world_size: int, timeout: float) ->
     while len(got) < world_size:
         try:
             rank, ok, value = results.get(timeout=0.2)
+            value = pickle.loads(value) if ok else value
         except queue.Empty:
             dead = _dead_ranks(procs, got)
             if dead:

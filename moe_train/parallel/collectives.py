@@ -148,3 +148,12 @@ def gather_from_sequence(x: torch.Tensor, dim: int, group: Group) -> torch.Tenso
 def reduce_scatter_to_sequence(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """Sum over `group` and keep this rank's chunk along `dim`; all-gather in backward."""
     return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, dim, group)
+
+
+def all_reduce_max(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Element-wise max over `group` (not differentiable; a copy, the input is left alone)."""
+    if group_size(group) == 1:
+        return x
+    out = x.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out

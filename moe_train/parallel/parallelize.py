@@ -82,4 +82,6 @@ def attach_grad_reducer(pm: ParallelModel) -> ParallelModel:
         from moe_train.parallel.data_parallel import GradReducer
 
         pm.reducer = GradReducer(pm.named_parameters(), pm.groups)
+        if pm.schedule is not None:
+            pm.schedule.reducer = pm.reducer
     return pm

@@ -2,7 +2,7 @@
 
 from moe_train.model.moe.dispatcher import DispatchContext, TokenDispatcher, expert_capacity, sort_assignments
 from moe_train.model.moe.experts import GroupedExperts
-from moe_train.model.moe.layer import MoELayer, MoEStats, shared_ffn_size
+from moe_train.model.moe.layer import MoELayer, MoEStats, RoutingStatsReducer, shared_ffn_size
 from moe_train.model.moe.losses import AttachAuxLoss, load_balancing_loss, router_z_loss
 from moe_train.model.moe.router import Routing, TopKRouter
 
@@ -13,6 +13,7 @@ __all__ = [
     "MoELayer",
     "MoEStats",
     "Routing",
+    "RoutingStatsReducer",
     "TokenDispatcher",
     "TopKRouter",
     "expert_capacity",

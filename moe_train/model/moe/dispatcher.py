@@ -4,7 +4,7 @@ Legend: T tokens, H hidden, E experts, K top_k, A = T*K assignments, N kept assi
 copies sent to experts, grouped by expert id).
 
 An expert-parallel dispatcher (all-to-all) replaces this object on the MoE layer; it keeps the
-same `dispatch` / `combine` contract.
+same `dispatch` / `combine` contract and reuses `permute` / `unpermute` as its local first and last steps.
 """
 
 from __future__ import annotations
@@ -67,6 +67,14 @@ class TokenDispatcher:
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
         """-> (x_sorted_NH, tokens_per_expert_E after drops, ctx)."""
+        return self.permute(x_TH, routing)
+
+    def combine(self, y_sorted_NH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
+        """Weighted unpermute back to y_TH."""
+        return self.unpermute(y_sorted_NH, ctx)
+
+    def permute(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
+        """Copies of x_TH grouped by (global) expert id after capacity drops -> (x_NH, counts_E, ctx)."""
         T, K = routing.topk_idx_TK.shape
         capacity = None
         if self.capacity_factor is not None:
@@ -80,7 +88,7 @@ class TokenDispatcher:
         ctx = DispatchContext(token_idx_N, routing.topk_weight_TK.reshape(-1)[kept_N], T)
         return x_TH[token_idx_N], tokens_per_expert_E, ctx
 
-    def combine(self, y_sorted_NH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
+    def unpermute(self, y_sorted_NH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         """Weighted unpermute: y_TH[t] = sum of weight * y over t's kept copies (fp32 accumulation)."""
         y_NH = y_sorted_NH.float() * ctx.weight_N.unsqueeze(-1)
         out_TH = y_NH.new_zeros(ctx.num_tokens, y_NH.shape[-1])

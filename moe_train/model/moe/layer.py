@@ -5,6 +5,7 @@ Legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, N token copies
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,11 @@ from moe_train.model.moe.dispatcher import TokenDispatcher
 from moe_train.model.moe.experts import GroupedExperts
 from moe_train.model.moe.losses import AttachAuxLoss, load_balancing_loss
 from moe_train.model.moe.router import Routing, TopKRouter
+
+RoutingStatsReducer = Callable[[Routing], Routing]
+"""Maps a Routing to one whose aux-loss statistics (tokens_per_expert_E, prob_sum_E, num_tokens,
+z_loss) cover a larger token set (e.g. all sequence-parallel shards of a micro-batch); the routing
+decisions themselves are left untouched. Installed from outside by the parallel code."""
 
 
 @dataclass
@@ -41,6 +47,9 @@ class MoELayer(nn.Module):
 
     The attached loss is (lbl.coeff * lbl + zloss_coeff * z) / num_moe_layers, with gradient
     `aux_loss_scale` (set it for the whole model with `set_aux_loss_scale`).
+
+    `stats_reducer` (None on one device) lets parallel code widen the token set of the aux-loss
+    statistics (and of `last_stats`) without touching the routing or the dispatch.
     """
 
     def __init__(self, hidden_size: int, moe_cfg: MoEConfig, num_moe_layers: int, layer_id: int = 0) -> None:
@@ -58,6 +67,7 @@ class MoELayer(nn.Module):
         shared = shared_ffn_size(moe_cfg)
         self.shared_experts = FeedForward(hidden_size, shared) if shared > 0 else None
         self.last_stats: MoEStats | None = None
+        self.stats_reducer: RoutingStatsReducer | None = None
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         """x_BSH -> y_BSH; records `last_stats`."""
@@ -74,6 +84,8 @@ class MoELayer(nn.Module):
 
     def _attach_aux_loss(self, y_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Compute the aux losses, record stats, and hook the weighted sum onto y's backward."""
+        if self.stats_reducer is not None:
+            routing = self.stats_reducer(routing)
         lbl = load_balancing_loss(routing.tokens_per_expert_E, routing.prob_sum_E, routing.num_tokens, self.top_k)
         self.last_stats = MoEStats(lbl.detach(), routing.z_loss.detach(), routing.tokens_per_expert_E)
         if not torch.is_grad_enabled() or (self.lbl_coeff == 0 and self.zloss_coeff == 0):

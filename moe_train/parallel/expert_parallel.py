@@ -1,0 +1,343 @@
+"""Expert parallelism (EP), expert tensor parallelism (ETP) and router statistics under sequence parallelism.
+
+`apply_expert_parallel(model, groups)` changes every `MoELayer` in a model (full, or a pruned pipeline
+stage) in place:
+
+1. Routed experts keep this rank's slice of the full init: experts [ep_rank*E/ep, (ep_rank+1)*E/ep),
+   and with etp > 1 its chunk of the expert ffn dimension (w1/w3 on dim 2, w2 on dim 1). Each gets a
+   `ParamMeta` (shards [("ep", 0), ("etp", d)], gradients summed over "edp").
+2. With ep * etp > 1 the dispatcher becomes an `AllToAllDispatcher` (same dispatch/combine contract).
+3. With tp > 1 the layer's tokens are one sequence-parallel shard of the micro-batch, so its router
+   statistics are summed over the tp group (`SequenceShardStats`): LBL, z-loss and the reported
+   `last_stats` then equal those of the whole micro-batch on one device.
+
+Capacity (moe.capacity_factor) is decided by each rank on the tokens it routes: under tp > 1 that is
+per sequence shard, capacity = ceil(cf * (T / tp) * k / E), so drops differ from a single device run
+on the whole micro-batch (dropless runs match exactly).
+
+Legend: T tokens on this rank, H hidden, E experts (global), L local experts (E / ep), K top_k,
+N token copies, R ranks of the EP group, S sources (etp * ep ranks whose copies reach this rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from moe_train.model.moe.dispatcher import DispatchContext, TokenDispatcher
+from moe_train.model.moe.layer import MoELayer
+from moe_train.model.moe.router import Routing
+from moe_train.parallel.collectives import (
+    Group,
+    all_gather_dim,
+    gather_from_sequence,
+    group_size,
+    reduce_from_region,
+    reduce_scatter_to_sequence,
+)
+from moe_train.parallel.groups import ProcessGroups
+from moe_train.parallel.param_meta import ParamMeta, get_meta, set_meta, shard_slice
+
+logger = logging.getLogger(__name__)
+
+EXPERT_WEIGHTS: dict[str, int] = {"w1_EHF": 2, "w3_EHF": 2, "w2_EFH": 1}
+"""Routed-expert parameter name -> the ffn dimension that expert tensor parallelism splits."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Router statistics over sequence-parallel shards
+
+
+def sum_counts(counts_E: torch.Tensor, group: Group) -> torch.Tensor:
+    """Per-expert assignment counts summed over `group` (detached; no gradient flows through counts)."""
+    if group_size(group) == 1:
+        return counts_E
+    out = counts_E.detach().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def reduce_routing_stats(routing: Routing, group: Group) -> Routing:
+    """The aux-loss statistics of `routing` summed over the equal-size token shards held by `group`.
+
+    counts and prob_sum are sums, num_tokens * size, z_loss the mean over all shards' tokens. The
+    differentiable parts go through `reduce_from_region` (forward sum, backward identity): every rank
+    holds the same aux loss, and its gradient reaches each rank's own router through its own tokens.
+    """
+    size = group_size(group)
+    if size == 1:
+        return routing
+    num_experts = routing.prob_sum_E.shape[-1]
+    packed = torch.cat([routing.prob_sum_E, (routing.z_loss * routing.num_tokens).reshape(1)])
+    packed = reduce_from_region(packed, group)
+    total_tokens = routing.num_tokens * size
+    return dataclasses.replace(
+        routing,
+        tokens_per_expert_E=sum_counts(routing.tokens_per_expert_E, group),
+        prob_sum_E=packed[:num_experts],
+        num_tokens=total_tokens,
+        z_loss=packed[num_experts] / total_tokens,
+    )
+
+
+@dataclass
+class SequenceShardStats:
+    """`MoELayer.stats_reducer` under sequence parallelism: sums router statistics over the tp group.
+
+    The micro-batch-scope LBL is over all tokens of the micro-batch, which the tp ranks of a DP replica
+    hold as contiguous sequence shards of equal size.
+    """
+
+    group: Group
+
+    def __call__(self, routing: Routing) -> Routing:
+        return reduce_routing_stats(routing, self.group)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SequenceShardStats:
+        """Stateless, and process groups cannot be copied: model copies (pipeline chunks) share it."""
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable variable-size collectives
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Rows of x_NH sent in `send_splits` chunks to the group's ranks; backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx: Any, x_NH: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Group) -> Any:
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        return _all_to_all(x_NH, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad_NH: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return _all_to_all(grad_NH, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x_NH: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Group) -> torch.Tensor:
+    if x_NH.shape[0] != sum(send_splits):
+        raise ValueError(f"all-to-all: {x_NH.shape[0]} rows but send splits {send_splits} sum to {sum(send_splits)}")
+    out_NH = x_NH.new_empty((sum(recv_splits), *x_NH.shape[1:]))
+    dist.all_to_all_single(out_NH, x_NH.contiguous(), recv_splits, send_splits, group=group)
+    return out_NH
+
+
+def all_to_all_rows(x_NH: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Group) -> torch.Tensor:
+    """Differentiable all-to-all of variable-size row blocks (zero-size blocks allowed)."""
+    if group_size(group) == 1:
+        return x_NH
+    out: torch.Tensor = _AllToAllRows.apply(x_NH, send_splits, recv_splits, group)
+    return out
+
+
+def all_to_all_counts(send_counts_RL: torch.Tensor, group: Group) -> torch.Tensor:
+    """Row r of the result: the per-local-expert counts that EP rank r sends to this rank."""
+    if group_size(group) == 1:
+        return send_counts_RL
+    recv_counts_RL = torch.empty_like(send_counts_RL)
+    dist.all_to_all_single(recv_counts_RL, send_counts_RL.contiguous(), group=group)
+    return recv_counts_RL
+
+
+def gather_rows(x_NH: torch.Tensor, rows: list[int], group: Group) -> torch.Tensor:
+    """All-gather rank-varying row blocks (rank i holds rows[i]) in rank order; backward sums the
+    gradients of every rank's copy (pad to the largest block, equal-size gather, unpad)."""
+    size = group_size(group)
+    if size == 1 or max(rows) == 0:
+        return x_NH
+    pad = max(rows)
+    padded_NH = F.pad(x_NH, (0, 0, 0, pad - x_NH.shape[0]))
+    gathered_GNH = gather_from_sequence(padded_NH, 0, group).view(size, pad, *x_NH.shape[1:])
+    return torch.cat([gathered_GNH[i, :n] for i, n in enumerate(rows)])
+
+
+def reduce_scatter_rows(y_NH: torch.Tensor, rows: list[int], group: Group) -> torch.Tensor:
+    """Inverse of `gather_rows`: sum the row blocks over the group and keep this rank's block."""
+    size = group_size(group)
+    if size == 1 or max(rows) == 0:
+        return y_NH
+    pad = max(rows)
+    blocks = [F.pad(b, (0, 0, 0, pad - n)) for b, n in zip(torch.split(y_NH, rows), rows, strict=True)]
+    mine_NH = reduce_scatter_to_sequence(torch.cat(blocks), 0, group)
+    return mine_NH[: rows[dist.get_rank(group)]]
+
+
+def regroup_index(counts_SL: torch.Tensor) -> torch.Tensor:
+    """Gather index turning rows ordered (source, local expert) into (local expert, source) order."""
+    num_sources, num_local = counts_SL.shape
+    flat = counts_SL.reshape(-1)
+    starts_LS = (torch.cumsum(flat, 0) - flat).view(num_sources, num_local).t().reshape(-1)
+    lens_LS = counts_SL.t().reshape(-1)
+    chunk_N = torch.repeat_interleave(torch.arange(lens_LS.numel(), device=flat.device), lens_LS)
+    out_starts = torch.cumsum(lens_LS, 0) - lens_LS
+    pos_N = torch.arange(chunk_N.numel(), device=flat.device)
+    return starts_LS[chunk_N] + pos_N - out_starts[chunk_N]
+
+
+def inverse_permutation(index_N: torch.Tensor) -> torch.Tensor:
+    """inv such that x[index][inv] == x."""
+    inv_N = torch.empty_like(index_N)
+    inv_N[index_N] = torch.arange(index_N.numel(), device=index_N.device)
+    return inv_N
+
+
+# ---------------------------------------------------------------------------------------------
+# All-to-all dispatcher
+
+
+@dataclass
+class AllToAllContext(DispatchContext):
+    """What `AllToAllDispatcher.combine` needs: the local unpermute plus the exchange's bookkeeping."""
+
+    send_splits: list[int]
+    """Rows this rank sent to each EP rank."""
+    recv_splits: list[int]
+    """Rows this rank received from each EP rank."""
+    etp_rows: list[int]
+    """Rows each ETP rank received from its EP exchange (gathered over etp; [n] when etp == 1)."""
+    regroup_idx_N: torch.Tensor
+    """Gather index from received (source, local expert) order to local-expert order."""
+
+
+class AllToAllDispatcher(TokenDispatcher):
+    """Expert-parallel dispatcher: permute -> quantize -> communicate -> regroup -> experts -> reverse.
+
+    dispatch: local permute by global expert id (capacity decided locally, `sort_assignments`), exchange
+    per-expert counts and then token rows over the EP group (variable splits), with etp > 1 all-gather
+    them over the ETP group, and group the received rows by local expert. combine: undo each step; with
+    etp > 1 the partial expert outputs (ffn-sharded w2) are summed by a reduce-scatter over ETP.
+    Each step is its own method so that e.g. an FP8 dispatcher can override `quantize` / `communicate`.
+    """
+
+    def __init__(self, base: TokenDispatcher, groups: ProcessGroups) -> None:
+        super().__init__(base.num_experts, base.capacity_factor, base.drop_policy)
+        self.ep_group, self.ep_size = groups.ep, groups.ep_size
+        self.etp_group, self.etp_size = groups.etp, groups.etp_size
+        self.num_local = base.num_experts // groups.ep_size
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AllToAllDispatcher:
+        """Stateless, and process groups cannot be copied: model copies (pipeline chunks) share it."""
+        return self
+
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, AllToAllContext]:
+        """-> (copies grouped by local expert, tokens_per_local_expert_L, ctx)."""
+        x_NH, counts_E, local_ctx = self.permute(x_TH, routing)
+        payload = self.quantize(x_NH)
+        recv, recv_counts_RL, send_splits, recv_splits = self.communicate(payload, counts_E.view(self.ep_size, -1))
+        x_recv_NH = self.dequantize(recv)
+        counts_SL = all_gather_dim(recv_counts_RL, 0, self.etp_group)  # (etp rank, ep rank) sources
+        etp_rows = counts_SL.view(self.etp_size, -1).sum(1).tolist()
+        x_recv_NH = gather_rows(x_recv_NH, etp_rows, self.etp_group)
+        regroup_idx_N = regroup_index(counts_SL)
+        ctx = AllToAllContext(
+            **vars(local_ctx),
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            etp_rows=etp_rows,
+            regroup_idx_N=regroup_idx_N,
+        )
+        return x_recv_NH[regroup_idx_N], counts_SL.sum(0), ctx
+
+    def combine(self, y_sorted_NH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
+        """Expert outputs (local-expert order) -> weighted sum per source token y_TH."""
+        if not isinstance(ctx, AllToAllContext):
+            raise TypeError(f"AllToAllDispatcher.combine needs an AllToAllContext, got {type(ctx).__name__}")
+        y_recv_NH = y_sorted_NH[inverse_permutation(ctx.regroup_idx_N)]
+        y_recv_NH = reduce_scatter_rows(y_recv_NH, ctx.etp_rows, self.etp_group)
+        y_NH = self.communicate_back(y_recv_NH, ctx)
+        return self.unpermute(y_NH, ctx)
+
+    def quantize(self, x_NH: torch.Tensor) -> torch.Tensor:
+        """Hook before the exchange (identity; an FP8 dispatcher sends quantized bytes + scales)."""
+        return x_NH
+
+    def dequantize(self, payload: torch.Tensor) -> torch.Tensor:
+        """Hook after the exchange (identity)."""
+        return payload
+
+    def communicate(
+        self, x_NH: torch.Tensor, send_counts_RL: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """Exchange counts, then rows, over EP -> (rows by (source, local expert), recv_counts_RL, splits)."""
+        recv_counts_RL = all_to_all_counts(send_counts_RL, self.ep_group)
+        send_splits = send_counts_RL.sum(1).tolist()  # host sync: split sizes must be Python ints
+        recv_splits = recv_counts_RL.sum(1).tolist()
+        recv_NH = all_to_all_rows(x_NH, send_splits, recv_splits, self.ep_group)
+        return recv_NH, recv_counts_RL, send_splits, recv_splits
+
+    def communicate_back(self, y_NH: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
+        """Reverse exchange: expert outputs back to the ranks that sent the copies, in sent order."""
+        return all_to_all_rows(y_NH, ctx.recv_splits, ctx.send_splits, self.ep_group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying EP to a model
+
+
+def _check_sizes(layer: MoELayer, groups: ProcessGroups) -> None:
+    num_experts, ffn = layer.experts.w1_EHF.shape[0], layer.experts.w1_EHF.shape[2]
+    if num_experts % groups.ep_size:
+        raise ValueError(f"moe.num_experts ({num_experts}) is not divisible by parallel.ep ({groups.ep_size})")
+    if ffn % groups.etp_size:
+        raise ValueError(f"moe.expert_ffn_hidden_size ({ffn}) is not divisible by parallel.etp ({groups.etp_size})")
+
+
+def shard_experts(layer: MoELayer, prefix: str, groups: ProcessGroups) -> None:
+    """Keep this rank's (ep, etp) slice of each routed-expert weight and attach its ParamMeta."""
+    _check_sizes(layer, groups)
+    experts = layer.experts
+    for name, ffn_dim in EXPERT_WEIGHTS.items():
+        full = getattr(experts, name)
+        meta = get_meta(full)  # tensor parallelism may have set the unsharded expert default
+        if meta is not None and meta.shards:
+            raise RuntimeError(f"{meta.canonical_name} is already sharded as {meta.shards} (EP applied twice?)")
+        canonical = meta.canonical_name if meta is not None else f"{prefix}experts.{name}"
+        with torch.no_grad():
+            local = shard_slice(full.detach(), 0, groups.ep_rank, groups.ep_size)
+            local = shard_slice(local, ffn_dim, groups.etp_rank, groups.etp_size)
+        param = nn.Parameter(local, requires_grad=full.requires_grad)
+        set_meta(
+            param,
+            ParamMeta(
+                canonical_name=canonical,
+                canonical_shape=tuple(full.shape),
+                shards=[("ep", 0), ("etp", ffn_dim)],
+                grad_sum_kinds=("edp",),
+                replicated_kinds=("edp",),
+                is_expert=True,
+            ),
+        )
+        setattr(experts, name, param)
+
+
+def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> None:
+    """Shard routed experts over ep x etp, install the all-to-all dispatcher (ep * etp > 1) and, when
+    tp > 1, the sequence-shard router statistics, on every MoELayer of `model` (in place).
+
+    Expert parameters get metadata even when ep == etp == 1: their gradients are summed over "edp"
+    (the whole stage then), which covers the tp ranks' different sequence shards.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    for name, layer in layers:
+        shard_experts(layer, f"{name}." if name else "", groups)
+        if groups.ep_size * groups.etp_size > 1:
+            layer.dispatcher = AllToAllDispatcher(layer.dispatcher, groups)
+        if groups.tp_size > 1:
+            layer.stats_reducer = SequenceShardStats(groups.tp)
+    logger.info(
+        "expert parallel applied to %d MoE layers: ep %d (rank %d), etp %d (rank %d), tp stats %s",
+        len(layers),
+        groups.ep_size,
+        groups.ep_rank,
+        groups.etp_size,
+        groups.etp_rank,
+        "on" if groups.tp_size > 1 else "off",
+    )
