@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from moe_train.config import OptimConfig
+from moe_train.parallel.dist_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
+from moe_train.parallel.groups import ProcessGroups
 from moe_train.train import checkpoint as ckpt
 from moe_train.train.schedule import lr_at
 
@@ -35,9 +37,24 @@ def test_constant_schedule() -> None:
     assert {lr_at(s, o, 10) for s in range(10)} == {0.5}
 
 
+def _model(value: float) -> torch.nn.Module:
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(value)
+        model.bias.fill_(-value)
+    return model
+
+
 def _save(run_dir: Path, step: int, keep_last: int = 2) -> Path:
-    model = {"w": torch.full((3,), float(step))}
-    return ckpt.save_checkpoint(run_dir, ckpt.TrainState(step, step * 4), model, {"state": {}}, {"k": 1}, keep_last)
+    state = ckpt.TrainState(step, step * 4)
+    groups = ProcessGroups.single()
+    return save_distributed_checkpoint(run_dir, state, _model(float(step)), None, groups, {"k": 1}, keep_last)
+
+
+def _load(path: Path) -> tuple[ckpt.TrainState, torch.nn.Module, dict]:
+    model = _model(0.0)
+    state, rng = load_distributed_checkpoint(path, model, None, ProcessGroups.single())
+    return state, model, rng
 
 
 def test_save_load_and_keep_last(tmp_path: Path) -> None:
@@ -45,9 +62,9 @@ def test_save_load_and_keep_last(tmp_path: Path) -> None:
         _save(tmp_path, step)
     names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["step_00000002", "step_00000003"]
-    state, model, _, rng = ckpt.load_checkpoint(ckpt.resolve_resume(tmp_path, "latest"))  # type: ignore[arg-type]
+    state, model, rng = _load(ckpt.resolve_resume(tmp_path, "latest"))  # type: ignore[arg-type]
     assert state == ckpt.TrainState(3, 12)
-    assert torch.equal(model["w"], torch.full((3,), 3.0))
+    assert torch.equal(model.weight, torch.full((2, 3), 3.0)) and torch.equal(model.bias, torch.full((2,), -3.0))
     assert set(rng) == {"torch", "python", "numpy", "cuda"}
 
 
@@ -55,25 +72,26 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path: Path, monkeypatc
     good = _save(tmp_path, 5)
     real_save = torch.save
 
-    def crashing_save(obj: object, path: object) -> None:
-        if str(path).endswith("optim.pt"):
+    def crashing_save(obj: object, path: object, *args: object, **kwargs: object) -> None:
+        if "trainer.pt" in str(path):
             Path(str(path)).write_bytes(b"partial")
             raise KeyboardInterrupt("simulated crash mid-save")
-        real_save(obj, path)  # type: ignore[arg-type]
+        real_save(obj, path, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         _save(tmp_path, 6)
     monkeypatch.setattr(torch, "save", real_save)
     assert ckpt.list_checkpoints(tmp_path) == [good]
-    assert [p.name for p in ckpt.checkpoint_root(tmp_path).iterdir()] == [good.name]
-    state, model, _, _ = ckpt.load_checkpoint(good)
-    assert state.step == 5 and torch.equal(model["w"], torch.full((3,), 5.0))
+    state, model, _ = _load(good)
+    assert state.step == 5 and torch.equal(model.weight, torch.full((2, 3), 5.0))
+    _save(tmp_path, 7)
+    assert sorted(p.name for p in ckpt.checkpoint_root(tmp_path).iterdir()) == ["step_00000005", "step_00000007"]
 
 
 def test_stale_temp_dir_is_ignored_and_cleaned(tmp_path: Path) -> None:
     root = ckpt.checkpoint_root(tmp_path)
-    (root / ".tmp-step_00000009-1").mkdir(parents=True)
+    (root / ".tmp-step_00000009").mkdir(parents=True)
     assert ckpt.list_checkpoints(tmp_path) == []
     _save(tmp_path, 1)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
@@ -85,6 +103,6 @@ def test_resume_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(ckpt.CheckpointError, match="not a checkpoint directory"):
         ckpt.resolve_resume(tmp_path, str(tmp_path / "nope"))
     bad = _save(tmp_path, 1)
-    (bad / "model.pt").write_bytes(b"garbage")
+    next(bad.glob("shard_*.pt")).write_bytes(b"garbage")
     with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
-        ckpt.load_checkpoint(bad)
+        _load(bad)

@@ -1,8 +1,9 @@
-"""Checkpoints: atomic directories `<run.dir>/checkpoints/step_NNNNNNNN`, loaded with weights_only=True.
+"""Checkpoint directory management: `<run.dir>/checkpoints/step_NNNNNNNN`, RNG state, train state.
 
-A save writes everything into a hidden temporary directory beside the final one and renames it into
-place only when complete, so a crash during a save never damages the last good checkpoint (a stale
-temporary directory is ignored and cleaned by the next save). The last `keep_last` are kept.
+The layout-independent format itself (canonical tensors in per-rank shards, atomic temp-dir + rename
+save, weights_only loads) is moe_train.parallel.dist_checkpoint; a single process writes the same
+format, so any run resumes under any layout. A stale temporary directory is ignored and cleaned by
+the next save; the last `keep_last` checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
             raise CheckpointError(f"checkpoint.resume=latest but {checkpoint_root(run_dir)} holds no checkpoint")
         return found[-1]
     path = Path(resume)
-    if not (path / "model.pt").is_file():
-        raise CheckpointError(f"checkpoint.resume ({resume}) is not a checkpoint directory (no model.pt)")
+    if not (path / "index.json").is_file():
+        raise CheckpointError(f"checkpoint.resume ({resume}) is not a checkpoint directory (no index.json)")
     return path
 
 
@@ -89,7 +90,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -97,40 +98,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    run_dir: str | Path,
-    state: TrainState,
-    model_state: dict[str, Any],
-    optim_state: dict[str, Any],
-    config: dict[str, Any],
-    keep_last: int,
-) -> Path:
-    """Write a checkpoint atomically and prune old ones; returns its directory."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{state.step:08d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        torch.save(model_state, tmp / "model.pt")
-        torch.save(optim_state, tmp / "optim.pt")
-        torch.save({"train_state": vars(state), "rng": rng_state()}, tmp / "trainer.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _prune(root, keep_last)
-    log.info("saved checkpoint %s", final)
-    return final
-
-
-def _prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int) -> None:
     for stale in root.iterdir():
         if stale.name.startswith(TMP_PREFIX):
             shutil.rmtree(stale, ignore_errors=True)
@@ -138,17 +106,10 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load(path: Path) -> Any:
+def load_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise CheckpointError(f"checkpoint file {path} cannot be read: {str(exc).splitlines()[0]}") from None
-
-
-def load_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Read (train state, model state, optimizer state, rng state) from a checkpoint directory."""
-    trainer = _load(path / "trainer.pt")
-    state = TrainState(**trainer["train_state"])
-    return state, _load(path / "model.pt"), _load(path / "optim.pt"), trainer["rng"]

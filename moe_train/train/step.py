@@ -48,8 +48,10 @@ def forward_backward(
     for chunk in pm.chunks:
         set_aux_loss_scale(chunk, scale)
     if pm.schedule is not None:
-        stats: StepStats = pm.schedule.forward_backward(batches, scale, device, autocast, num_domains)
-        return stats
+        result = pm.schedule.forward_backward(batches, scale, device, autocast, num_domains)
+        return StepStats(
+            result.lm_loss, result.lbl, result.zloss, result.domain_sum, result.domain_count, result.expert_counts_LE
+        )
     (model,) = pm.chunks
     lm = lbl = zloss = 0.0
     domain_sum = torch.zeros(num_domains, dtype=torch.float64)

@@ -19,6 +19,7 @@ import torch
 from moe_train.config import Config, save_config, to_dict
 from moe_train.data import Batch, build_train_source, build_val_batches, validate_data
 from moe_train.model import build_model, flops_per_token
+from moe_train.parallel.dist_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.layout import validate_layout
 from moe_train.parallel.parallelize import parallelize
@@ -75,7 +76,7 @@ class Trainer:
         resume_path = ckpt.resolve_resume(cfg.run.dir, cfg.checkpoint.resume)
         self.cfg = cfg
         self.is_main = self.groups.rank == 0
-        self.run_dir = prepare_run_dir(cfg) if self.is_main else Path(cfg.run.dir)
+        self.run_dir = prepare_run_dir(cfg)
         self.device = _device()
         self.source = build_train_source(cfg)
         self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
@@ -101,30 +102,18 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _restore(self, path: Path) -> None:
-        if self.groups.world_size > 1:
-            from moe_train.parallel.dist_checkpoint import load_distributed
-
-            self.state = load_distributed(path, self.pmodel, self.optimizer, self.groups)
-        else:
-            state, model_state, optim_state, rng = ckpt.load_checkpoint(path)
-            self.model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(optim_state)
-            ckpt.set_rng_state(rng)
-            self.state = state
+        self.state, rng = load_distributed_checkpoint(path, self.pmodel.chunks, self.optimizer, self.groups)
+        ckpt.set_rng_state(rng)
         log.info("resumed from %s at step %d", path, self.state.step)
 
     def save(self) -> Path:
-        if self.groups.world_size > 1:
-            from moe_train.parallel.dist_checkpoint import save_distributed
-
-            return save_distributed(
-                self.run_dir, self.state, self.pmodel, self.optimizer, to_dict(self.cfg), self.cfg.checkpoint.keep_last
-            )
-        return ckpt.save_checkpoint(
+        """Layout-independent checkpoint (every rank writes its unique shards; atomic)."""
+        return save_distributed_checkpoint(
             self.run_dir,
             self.state,
-            self.model.state_dict(),
-            self.optimizer.state_dict(),
+            self.pmodel.chunks,
+            self.optimizer,
+            self.groups,
             to_dict(self.cfg),
             self.cfg.checkpoint.keep_last,
         )

@@ -1,0 +1,135 @@
+"""Parity harness: train a few steps under a parallel layout and compare with the single-process run.
+
+`run_layouts(rank, world_size, layouts, run_root)` is a worker for `run_distributed`: for each layout
+(a name and dotted overrides) it builds the process groups, trains with the real Trainer, and returns
+per-step records plus the final parameters reassembled into canonical (single-device) tensors on rank
+0. `reference_run(overrides)` is the single-process run of the same config. `assert_parity` compares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_train.config import Config, load_config
+from moe_train.parallel.groups import ProcessGroups, build_process_groups
+from moe_train.parallel.param_meta import canonical_slices, owns_copy
+from moe_train.parallel.parallelize import ParallelModel
+
+BASE = [
+    "model.hidden_size=32",
+    "model.num_layers=4",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.head_dim=8",
+    "model.ffn_hidden_size=64",
+    "model.vocab_size=128",
+    "moe.num_experts=8",
+    "moe.top_k=2",
+    "moe.expert_ffn_hidden_size=32",
+    "moe.num_shared_experts=1",
+    "moe.first_k_dense=1",
+    "moe.lbl.coeff=0.01",
+    "moe.zloss_coeff=0.001",
+    "data.mock=true",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.seq_len=16",
+    "train.max_steps=5",
+    "train.eval_every=0",
+    "train.log_every=100",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=1",
+    "optim.grad_clip=0.05",
+    "checkpoint.every=0",
+    "log.tensorboard=false",
+    "log.level=WARNING",
+]
+RECORD_KEYS = ("loss", "lm_loss", "lbl", "zloss", "grad_norm")
+
+
+def layout_config(overrides: list[str], run_dir: Path) -> Config:
+    return load_config(None, [*BASE, *overrides, f"run.dir={run_dir}"])
+
+
+def canonical_parameters(pm: ParallelModel, groups: ProcessGroups) -> dict[str, torch.Tensor] | None:
+    """Reassemble every parameter into its canonical tensor on rank 0 (None on other ranks)."""
+    pieces = []
+    for name, meta in pm.metas().items():
+        if owns_copy(meta, groups):
+            param = dict(pm.named_parameters())[name]
+            pieces.append((meta.canonical_name, meta.canonical_shape, canonical_slices(meta, groups), param.detach()))
+    if groups.world_size == 1:
+        gathered = [pieces]
+    else:
+        gathered = [None] * groups.world_size
+        dist.gather_object(pieces, gathered if groups.rank == 0 else None, dst=0)
+    if groups.rank != 0:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for rank_pieces in gathered:
+        for name, shape, slices, tensor in rank_pieces:  # type: ignore[union-attr]
+            full = out.setdefault(name, torch.full(shape, float("nan")))
+            full[slices] = tensor
+    return out
+
+
+def train_layout(rank: int, world_size: int, overrides: list[str], run_dir: Path, sabotage: Any = None) -> dict:
+    """Train one layout on this rank; rank 0 returns records and canonical parameters."""
+    from moe_train.train import trainer as trainer_module
+
+    cfg = layout_config(overrides, run_dir)
+    groups = build_process_groups(cfg, world_size, rank)
+    original = trainer_module.parallelize
+    if sabotage is not None:
+        trainer_module.parallelize = sabotage  # type: ignore[assignment]
+    try:
+        trainer = trainer_module.Trainer(cfg, groups)
+    finally:
+        trainer_module.parallelize = original
+    records = trainer.fit()
+    params = canonical_parameters(trainer.pmodel, groups)
+    return {"records": [{k: r[k] for k in RECORD_KEYS} for r in records], "params": params}
+
+
+def run_layouts(rank: int, world_size: int, layouts: dict[str, list[str]], run_root: Path, sabotage: Any) -> dict:
+    """Worker: every layout in turn (one process-group spawn for all of them)."""
+    results = {}
+    for name, overrides in layouts.items():
+        results[name] = train_layout(rank, world_size, overrides, run_root / name, sabotage.get(name))
+        dist.barrier()
+    return results
+
+
+def reference_run(overrides: list[str], run_dir: Path) -> dict:
+    """The single-process run of the same config (the parallel-only keys dropped)."""
+    from moe_train.train.trainer import Trainer
+
+    kept = [o for o in overrides if not o.startswith("parallel.")]
+    trainer = Trainer(layout_config(kept, run_dir))
+    records = trainer.fit()
+    params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    return {"records": [{k: r[k] for k in RECORD_KEYS} for r in records], "params": params}
+
+
+def parity_errors(result: dict, reference: dict, rtol: float = 1e-5, atol: float = 1e-6) -> list[str]:
+    """Every mismatch between a layout's run and the reference (empty when they agree)."""
+    errors = []
+    for step, (got, want) in enumerate(zip(result["records"], reference["records"], strict=True), start=1):
+        for key in RECORD_KEYS:
+            if abs(got[key] - want[key]) > atol + rtol * abs(want[key]):
+                errors.append(f"step {step} {key}: {got[key]!r} != {want[key]!r}")
+    params = result["params"]
+    if set(params) != set(reference["params"]):
+        errors.append(f"parameter names differ: {sorted(set(params) ^ set(reference['params']))[:5]}")
+        return errors
+    for name, want in reference["params"].items():
+        got = params[name]
+        if torch.isnan(got).any():
+            errors.append(f"{name}: not every element was reassembled")
+        elif not torch.allclose(got, want, rtol=rtol, atol=atol):
+            errors.append(f"{name}: max abs diff {(got - want).abs().max().item():.3e}")
+    return errors
