@@ -1,5 +1,10 @@
 """Parity harness: train a few steps under a parallel layout and compare with the single-process run.
 
+fp32 parity cannot be bitwise: all-reduces and sharded matmuls sum in another order (~1e-7 relative).
+AdamW's normalised update g / (sqrt(v) + eps) amplifies that noise for gradient elements near eps by
+about lr / (4 eps); the runs use eps 1e-6 and lr 1e-3 so that five steps stay inside rtol 1e-5 /
+atol 1e-6 on parameters of scale 0.02, while a wrong reduction moves parameters by ~lr.
+
 `run_layouts(rank, world_size, layouts, run_root)` is a worker for `run_distributed`: for each layout
 (a name and dotted overrides) it builds the process groups, trains with the real Trainer, and returns
 per-step records plus the final parameters reassembled into canonical (single-device) tensors on rank
@@ -16,8 +21,8 @@ import torch.distributed as dist
 
 from moe_train.config import Config, load_config
 from moe_train.parallel.groups import ProcessGroups, build_process_groups
-from moe_train.parallel.param_meta import canonical_slices, owns_copy
 from moe_train.parallel.parallelize import ParallelModel
+from moe_train.parallel.param_meta import canonical_slices, owns_copy
 
 BASE = [
     "model.hidden_size=32",
@@ -39,9 +44,11 @@ BASE = [
     "train.micro_batch_size=2",
     "train.seq_len=16",
     "train.max_steps=5",
-    "train.eval_every=0",
+    "train.eval_every=5",
+    "train.eval_batches=1",
     "train.log_every=100",
-    "optim.lr=1e-2",
+    "optim.lr=1e-3",
+    "optim.eps=1e-6",
     "optim.warmup_steps=1",
     "optim.grad_clip=0.05",
     "checkpoint.every=0",
@@ -92,7 +99,8 @@ def train_layout(rank: int, world_size: int, overrides: list[str], run_dir: Path
         trainer_module.parallelize = original
     records = trainer.fit()
     params = canonical_parameters(trainer.pmodel, groups)
-    return {"records": [{k: r[k] for k in RECORD_KEYS} for r in records], "params": params}
+    val = trainer.evaluate()
+    return {"records": [{k: r[k] for k in RECORD_KEYS} for r in records], "params": params, "val": val}
 
 
 def run_layouts(rank: int, world_size: int, layouts: dict[str, list[str]], run_root: Path, sabotage: Any) -> dict:
@@ -112,7 +120,8 @@ def reference_run(overrides: list[str], run_dir: Path) -> dict:
     trainer = Trainer(layout_config(kept, run_dir))
     records = trainer.fit()
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    return {"records": [{k: r[k] for k in RECORD_KEYS} for r in records], "params": params}
+    val = trainer.evaluate()
+    return {"records": [{k: r[k] for k in RECORD_KEYS} for r in records], "params": params, "val": val}
 
 
 def parity_errors(result: dict, reference: dict, rtol: float = 1e-5, atol: float = 1e-6) -> list[str]:
@@ -122,6 +131,10 @@ def parity_errors(result: dict, reference: dict, rtol: float = 1e-5, atol: float
         for key in RECORD_KEYS:
             if abs(got[key] - want[key]) > atol + rtol * abs(want[key]):
                 errors.append(f"step {step} {key}: {got[key]!r} != {want[key]!r}")
+    for domain, want_val in reference["val"].items():
+        got_val = result["val"][domain]
+        if abs(got_val - want_val) > atol + rtol * abs(want_val):
+            errors.append(f"validation loss {domain}: {got_val!r} != {want_val!r}")
     params = result["params"]
     if set(params) != set(reference["params"]):
         errors.append(f"parameter names differ: {sorted(set(params) ^ set(reference['params']))[:5]}")

@@ -10,8 +10,8 @@ import pytest
 from distributed import run_distributed
 from parity import BASE, parity_errors, reference_run, run_layouts
 
-from moe_train.parallel.param_meta import set_meta
 from moe_train.parallel.parallelize import attach_grad_reducer, shard_model
+from moe_train.parallel.param_meta import set_meta
 
 LAYOUTS: dict[int, dict[str, list[str]]] = {
     2: {

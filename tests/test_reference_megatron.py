@@ -42,9 +42,7 @@ def test_combine_equals_megatron_unpermute() -> None:
     y_sorted_NH = x_sorted_NH * 3.0 - 1.0
     ours_TH = dispatcher.combine(y_sorted_NH, ctx)
     _, _, sorted_indices = moe_utils.permute(x_TH, routing_map_TE)
-    theirs_TH = moe_utils.unpermute(
-        y_sorted_NH, sorted_indices, x_TH.shape, probs=probs_TE, routing_map=routing_map_TE
-    )
+    theirs_TH = moe_utils.unpermute(y_sorted_NH, sorted_indices, x_TH.shape, probs=probs_TE, routing_map=routing_map_TE)
     torch.testing.assert_close(ours_TH, theirs_TH, rtol=1e-6, atol=1e-6)
 
 

@@ -9,6 +9,7 @@ entries of `layers` deleted; `embed` / `head` then pass their input through unch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,8 @@ class MoETransformer(nn.Module):
         self.output: nn.Linear | None = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.token_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_cross_entropy
+        """Per-token loss from (logits_BSV, labels_BS); tensor parallelism swaps in a vocab-parallel one."""
         init_weights(self, m.init_std)
 
     def embed(self, tokens_BS: torch.Tensor) -> torch.Tensor:
@@ -112,7 +115,7 @@ class MoETransformer(nn.Module):
         logits_BSV = self.head(self.run_layers(self.embed(tokens_BS)))
         token_loss_BS = None
         if labels_BS is not None:
-            token_loss_BS = token_cross_entropy(logits_BSV, labels_BS)
+            token_loss_BS = self.token_loss(logits_BSV, labels_BS)
         lbl, zloss, tokens_per_expert_LE = summarise_moe_stats(self, logits_BSV.device)
         return ModelOutput(
             token_loss_BS=token_loss_BS,

@@ -39,10 +39,10 @@ from moe_train.train.checkpoint import (
     TMP_PREFIX,
     CheckpointError,
     TrainState,
+    checkpoint_root,
     fsync_dir,
     load_file,
     prune,
-    checkpoint_root,
     rng_state,
 )
 from moe_train.utils.logging import get_logger

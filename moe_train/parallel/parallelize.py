@@ -68,9 +68,13 @@ def shard_model(model: nn.Module, groups: ProcessGroups, cfg: Config) -> Paralle
     chunks: list[nn.Module] = [model]
     schedule = None
     if groups.pp_size > 1:
+        from moe_train.model import MoETransformer
         from moe_train.parallel.pipeline import build_pipeline
 
-        chunks, schedule = build_pipeline(model, groups, cfg)
+        if not isinstance(model, MoETransformer):
+            raise TypeError(f"pipeline parallelism needs a MoETransformer, got {type(model).__name__}")
+        stage_chunks, schedule = build_pipeline(model, groups, cfg)
+        chunks = list(stage_chunks)
     pm = ParallelModel(chunks=chunks, groups=groups, schedule=schedule)
     pm.metas()
     return pm

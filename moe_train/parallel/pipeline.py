@@ -408,6 +408,32 @@ class PipelineSchedule:
             raise RuntimeError(f"pipeline step left tensors behind on pp rank {me}: {list(state.received)}")
         return self._result(len(batches), state)
 
+    @torch.no_grad()
+    def forward_only(self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        """Mean token loss of one batch, passed through the virtual stages in order (no overlap: for
+        validation). Every pp rank returns the same value."""
+        me, pp = self.groups.pp_rank, self.groups.pp_size
+        tokens_BS, labels_BS = tokens_BS.to(self.device), labels_BS.to(self.device)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for c in range(me, self.num_chunks, pp):
+            chunk = self.chunks[c // pp]
+            x = tokens_BS
+            if c > 0:
+                x = torch.empty(self._activation_shape(tokens_BS), dtype=self.dtype, device=self.device)
+                dist.recv(x, self.groups.ranks["pp"][(c - 1) % pp], group=self.groups.pp)
+            if c == self.num_chunks - 1:
+                token_loss_BS = chunk(x, labels_BS).token_loss_BS
+                assert token_loss_BS is not None
+                loss += token_loss_BS.double().mean()
+            else:
+                h_BSH = chunk(x).logits_BSV
+                assert h_BSH is not None
+                dist.send(
+                    h_BSH.to(self.dtype).contiguous(), self.groups.ranks["pp"][(c + 1) % pp], group=self.groups.pp
+                )
+        dist.all_reduce(loss, group=self.groups.pp)
+        return loss
+
     def _new_state(self, num_micro: int, num_domains: int) -> _StepState:
         num_moe = len(self.moe_index)
         lbl_LM = torch.zeros(num_moe, num_micro, dtype=torch.float32, device=self.device)

@@ -43,7 +43,6 @@ ep == etp == 1 contains the tp ranks); expert parallelism replaces it.
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
 import torch
@@ -54,7 +53,7 @@ from moe_train.model.attention import Attention
 from moe_train.model.mlp import FeedForward
 from moe_train.model.moe.experts import GroupedExperts
 from moe_train.model.moe.layer import MoELayer
-from moe_train.model.transformer import IGNORE_INDEX, ModelOutput, MoETransformer, TransformerBlock
+from moe_train.model.transformer import IGNORE_INDEX, MoETransformer, TransformerBlock
 from moe_train.parallel.collectives import (
     Group,
     all_reduce_max,
@@ -305,33 +304,24 @@ def _parallelize_embedding(model: MoETransformer, groups: ProcessGroups) -> None
             name = "tok_embeddings.weight" if model.model_cfg.tie_embeddings else "output.weight"
             _shard_linear(out, name, 0, groups)
         _gather_input_only(out, 1, groups.tp)
-        _install_vocab_parallel_loss(model, vocab_start, groups.tp)
+        model.token_loss = VocabParallelLoss(vocab_start, groups.tp)
 
 
-def _install_vocab_parallel_loss(model: MoETransformer, vocab_start: int, group: Group) -> None:
-    """Bind a `forward` on this instance that computes the loss with `vocab_parallel_cross_entropy`.
+class VocabParallelLoss:
+    """`MoETransformer.token_loss` under TP: vocab-parallel cross entropy over this rank's logit shard.
 
-    Same contract as `MoETransformer.forward`; `logits_BSV` (when returned) is this rank's vocab shard
-    [B, S, v]. A stage without the output head runs the class's forward unchanged.
+    Shared, not copied, by deep copies of the model (a process group cannot be copied).
     """
 
-    def forward(
-        self: MoETransformer,
-        tokens_BS: torch.Tensor,
-        labels_BS: torch.Tensor | None = None,
-        return_logits: bool = False,
-    ) -> ModelOutput:
-        if self.output is None:
-            return MoETransformer.forward(self, tokens_BS, labels_BS, return_logits)
-        out = MoETransformer.forward(self, tokens_BS, None)
-        if labels_BS is not None:
-            assert out.logits_BSV is not None
-            out.token_loss_BS = vocab_parallel_cross_entropy(out.logits_BSV, labels_BS, vocab_start, group)
-            if not return_logits:
-                out.logits_BSV = None
-        return out
+    def __init__(self, vocab_start: int, group: Group) -> None:
+        self.vocab_start = vocab_start
+        self.group = group
 
-    model.forward = types.MethodType(forward, model)  # type: ignore[method-assign]
+    def __call__(self, logits_BSv: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits_BSv, labels_BS, self.vocab_start, self.group)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> VocabParallelLoss:
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ the next save; the last `keep_last` checkpoints are kept.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re

@@ -37,7 +37,10 @@ def _apex_fused_adam() -> type | None:
 
 
 def build_optimizer(
-    model: nn.Module | ParallelModel, optim: OptimConfig, process_groups: ProcessGroups | None = None, zero1: bool = False
+    model: nn.Module | ParallelModel,
+    optim: OptimConfig,
+    process_groups: ProcessGroups | None = None,
+    zero1: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW: apex FusedAdam (adam_w_mode) on CUDA when importable, torch fused on CUDA, else foreach.
 

@@ -75,7 +75,7 @@ def forward_backward(
     return StepStats(lm, lbl, zloss, domain_sum, domain_count, counts_LE)
 
 
-def reduce_step_stats(stats: StepStats, groups: ProcessGroups) -> StepStats:
+def reduce_step_stats(stats: StepStats, groups: ProcessGroups, device: torch.device) -> StepStats:
     """Average losses over DP replicas, sum domain and expert counts; every rank gets the same values.
 
     Only one rank per DP replica (last pipeline stage, tp rank 0) contributes, so TP and PP copies of
@@ -88,8 +88,9 @@ def reduce_step_stats(stats: StepStats, groups: ProcessGroups) -> StepStats:
     packed = torch.cat([head, stats.domain_sum, stats.domain_count])
     if stats.expert_counts_LE is not None:
         packed = torch.cat([packed, stats.expert_counts_LE.double().flatten()])
-    packed = packed * float(groups.contributes_domain_loss)
+    packed = (packed * float(groups.contributes_domain_loss)).to(device)  # NCCL reduces device tensors only
     groups.all_reduce(packed, "grad_norm")
+    packed = packed.cpu()
     lm, lbl, zloss = (packed[:3] / groups.dp_size).tolist()
     domain_sum = packed[3 : 3 + num_domains]
     domain_count = packed[3 + num_domains : 3 + 2 * num_domains]

@@ -145,7 +145,7 @@ class Trainer:
         set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._result(reduce_step_stats(stats, self.groups), grad_norm)
+        return self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
 
     def _clip(self) -> float:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
@@ -160,30 +160,32 @@ class Trainer:
         moe = self.cfg.moe
         loss = stats.lm_loss + moe.lbl.coeff * stats.lbl + moe.zloss_coeff * stats.zloss
         dsum, dcount = stats.domain_sum, stats.domain_count
-        domain_loss = {
-            name: float(dsum[i] / dcount[i]) for i, name in enumerate(self.source.domains) if dcount[i] > 0
-        }
-        return StepResult(
-            loss, stats.lm_loss, stats.lbl, stats.zloss, grad_norm, domain_loss, stats.expert_counts_LE
-        )
+        domain_loss = {name: float(dsum[i] / dcount[i]) for i, name in enumerate(self.source.domains) if dcount[i] > 0}
+        return StepResult(loss, stats.lm_loss, stats.lbl, stats.zloss, grad_norm, domain_loss, stats.expert_counts_LE)
 
     # -- validation ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean token loss per validation domain, and their mean as 'all'."""
-        self.model.eval()
+        """Mean token loss per validation domain, and their mean as 'all' (equal on every rank)."""
+        self.pmodel.train(False)
         losses = {}
         for domain, batches in self.val_batches.items():
-            total = 0.0
-            for batch in batches:
-                with self._autocast():
-                    out = self.model(batch.tokens_BS.to(self.device), batch.labels_BS.to(self.device))
-                total += out.token_loss_BS.float().mean().item()
+            total = sum(self._eval_loss(batch) for batch in batches)
             losses[domain] = total / len(batches)
         if losses:
             losses["all"] = sum(losses.values()) / len(losses)
         return losses
+
+    def _eval_loss(self, batch: Batch) -> float:
+        """Mean token loss of one validation batch (every DP replica evaluates the same batches)."""
+        tokens, labels = batch.tokens_BS.to(self.device), batch.labels_BS.to(self.device)
+        with self._autocast():
+            if self.pmodel.schedule is not None:
+                return float(self.pmodel.schedule.forward_only(tokens, labels))
+            out = self.model(tokens, labels)
+        assert out.token_loss_BS is not None
+        return out.token_loss_BS.float().mean().item()
 
     # -- the loop -----------------------------------------------------------------------------
 
