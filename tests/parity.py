@@ -22,7 +22,7 @@ import torch.distributed as dist
 from moe_train.config import Config, load_config
 from moe_train.parallel.groups import ProcessGroups, build_process_groups
 from moe_train.parallel.parallelize import ParallelModel
-from moe_train.parallel.param_meta import canonical_slices, owns_copy
+from moe_train.parallel.param_meta import owns_unique_copy, shard_box
 
 BASE = [
     "model.hidden_size=32",
@@ -66,9 +66,11 @@ def canonical_parameters(pm: ParallelModel, groups: ProcessGroups) -> dict[str, 
     """Reassemble every parameter into its canonical tensor on rank 0 (None on other ranks)."""
     pieces = []
     for name, meta in pm.metas().items():
-        if owns_copy(meta, groups):
+        if owns_unique_copy(meta, groups):
             param = dict(pm.named_parameters())[name]
-            pieces.append((meta.canonical_name, meta.canonical_shape, canonical_slices(meta, groups), param.detach()))
+            offsets, lengths = shard_box(meta, groups)
+            slices = tuple(slice(o, o + n) for o, n in zip(offsets, lengths, strict=True))
+            pieces.append((meta.canonical_name, meta.canonical_shape, slices, param.detach()))
     if groups.world_size == 1:
         gathered = [pieces]
     else:

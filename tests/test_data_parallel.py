@@ -18,10 +18,9 @@ from torch import nn
 from moe_train.config import ParallelConfig
 from moe_train.parallel.clip import clip_grad_norm_
 from moe_train.parallel.data_parallel import GradReducer, reduce_gradients_naive
-from moe_train.parallel.dist_checkpoint import shard_box
 from moe_train.parallel.groups import ProcessGroups, groups_from_layout
 from moe_train.parallel.layout import rank_layout
-from moe_train.parallel.param_meta import ParamMeta, get_meta, set_meta
+from moe_train.parallel.param_meta import ParamMeta, get_meta, set_meta, shard_box
 from moe_train.parallel.zero import ZeroAdamW
 
 # -- the toy model ------------------------------------------------------------------------------

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_train.parallel.data_parallel import NamedParam, ParamsLike, group_index, named_params_with_meta
+from moe_train.parallel.data_parallel import NamedParam, ParamsLike, named_params_with_meta
 from moe_train.parallel.groups import ProcessGroups
-from moe_train.parallel.param_meta import ParamMeta
-
-
-def counts_in_norm(meta: ParamMeta, groups: ProcessGroups) -> bool:
-    """Whether this rank's copy of a parameter enters the global norm: only rank 0 of each of its
-    replicated kinds does (shards of a sharded parameter are distinct, so every shard counts)."""
-    return all(group_index(groups, kind) == 0 for kind in meta.replicated_kinds)
+from moe_train.parallel.param_meta import owns_unique_copy
 
 
 @torch.no_grad()
@@ -30,7 +24,7 @@ def global_grad_norm(params: ParamsLike, groups: ProcessGroups) -> torch.Tensor:
 
 
 def _global_norm(entries: list[NamedParam], groups: ProcessGroups) -> torch.Tensor:
-    grads = [p.grad for _, p, meta in entries if p.grad is not None and counts_in_norm(meta, groups)]
+    grads = [p.grad for _, p, meta in entries if p.grad is not None and owns_unique_copy(meta, groups)]
     device = entries[0][1].device if entries else torch.device("cpu")
     norms = torch._foreach_norm(grads, 2.0) if grads else []
     if groups.size("grad_norm") == 1:  # one process: exactly torch.nn.utils.clip_grad_norm_'s arithmetic

@@ -62,11 +62,6 @@ def named_params_with_meta(params: ParamsLike, trainable_only: bool = True) -> l
     return out
 
 
-def group_index(groups: ProcessGroups, kind: str) -> int:
-    """This rank's position in its group of `kind` (0 in a single process)."""
-    return groups.ranks[kind].index(groups.rank) if groups.size(kind) > 1 else 0
-
-
 @dataclass
 class _Bucket:
     """A flat buffer holding the gradients of parameters with the same grad_sum_kinds."""

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_train.parallel.data_parallel import NamedParam, ParamsLike, group_index, named_params_with_meta
+from moe_train.parallel.data_parallel import NamedParam, ParamsLike, named_params_with_meta
 from moe_train.parallel.groups import ProcessGroups
-from moe_train.parallel.param_meta import ParamMeta
+from moe_train.parallel.param_meta import Box, owns_unique_copy, shard_box
 from moe_train.parallel.zero import STATE_KEYS, load_optimizer_local_state, optimizer_local_state
 from moe_train.train.checkpoint import (
     TMP_PREFIX,
@@ -51,27 +51,6 @@ log = get_logger(__name__)
 
 INDEX = "index.json"
 FORMAT = "moe_train.dist_checkpoint/1"
-Box = tuple[list[int], list[int]]
-"""(offsets, lengths) of a chunk inside its canonical tensor."""
-
-
-def shard_box(meta: ParamMeta, groups: ProcessGroups) -> Box:
-    """The box of the canonical tensor that this rank's local parameter holds."""
-    offsets, lengths = [0] * len(meta.canonical_shape), list(meta.canonical_shape)
-    for kind, dim in meta.shards:
-        size = groups.size(kind)
-        if lengths[dim] % size:
-            raise ValueError(
-                f"{meta.canonical_name}: dim {dim} ({lengths[dim]}) is not divisible by the '{kind}' size ({size})"
-            )
-        lengths[dim] //= size
-        offsets[dim] += group_index(groups, kind) * lengths[dim]
-    return offsets, lengths
-
-
-def owns_unique_copy(meta: ParamMeta, groups: ProcessGroups) -> bool:
-    """Rank 0 of every replicated kind writes the chunk; its replicas do not."""
-    return all(group_index(groups, kind) == 0 for kind in meta.replicated_kinds)
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:

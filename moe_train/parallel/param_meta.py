@@ -74,23 +74,30 @@ def shard_slice(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Ten
     return full.chunk(size, dim=dim)[rank].contiguous().clone()
 
 
-def _coordinate(groups: Any, kind: str) -> tuple[int, int]:
-    """(index of this rank in its `kind` group, size of that group)."""
-    ranks = groups.ranks[kind]
-    return ranks.index(groups.rank), len(ranks)
+Box = tuple[list[int], list[int]]
+"""(offsets, lengths) of a local shard inside its canonical tensor."""
 
 
-def canonical_slices(meta: ParamMeta, groups: Any) -> tuple[slice, ...]:
-    """Where this rank's local tensor sits inside the canonical tensor (nested even splits)."""
-    starts = [0] * len(meta.canonical_shape)
-    lengths = list(meta.canonical_shape)
+def group_index(groups: Any, kind: str) -> int:
+    """This rank's position in its group of `kind` (0 in a single process)."""
+    return int(groups.ranks[kind].index(groups.rank)) if groups.size(kind) > 1 else 0
+
+
+def shard_box(meta: ParamMeta, groups: Any) -> Box:
+    """The box of the canonical tensor that this rank's local parameter holds (nested even splits)."""
+    offsets, lengths = [0] * len(meta.canonical_shape), list(meta.canonical_shape)
     for kind, dim in meta.shards:
-        index, size = _coordinate(groups, kind)
+        size = groups.size(kind)
+        if lengths[dim] % size:
+            raise ValueError(
+                f"{meta.canonical_name}: dim {dim} ({lengths[dim]}) is not divisible by the '{kind}' size ({size})"
+            )
         lengths[dim] //= size
-        starts[dim] += index * lengths[dim]
-    return tuple(slice(s, s + n) for s, n in zip(starts, lengths, strict=True))
+        offsets[dim] += group_index(groups, kind) * lengths[dim]
+    return offsets, lengths
 
 
-def owns_copy(meta: ParamMeta, groups: Any) -> bool:
-    """Whether this rank holds the copy of its shard that counts (rank 0 of every replicated kind)."""
-    return all(_coordinate(groups, kind)[0] == 0 for kind in meta.replicated_kinds)
+def owns_unique_copy(meta: ParamMeta, groups: Any) -> bool:
+    """Whether this rank's copy is the one that counts (grad norm) and is saved: rank 0 of every
+    replicated kind. Shards of a sharded parameter are distinct, so every shard owner counts."""
+    return all(group_index(groups, kind) == 0 for kind in meta.replicated_kinds)

@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_train.config import OptimConfig
-from moe_train.parallel.data_parallel import NamedParam, ParamsLike, group_index, named_params_with_meta
+from moe_train.parallel.data_parallel import NamedParam, ParamsLike, named_params_with_meta
 from moe_train.parallel.groups import ProcessGroups
-from moe_train.parallel.param_meta import get_meta
+from moe_train.parallel.param_meta import get_meta, group_index
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 DP_KINDS = ("dp", "edp")
