@@ -71,7 +71,7 @@ setup(
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "megatron-core>=0.12"],
         "bench": ["transformers>=4.51"],
         "deepspeed": ["deepspeed>=0.15"],
-        "gpu": ["flash-attn>=2.6", "apex"],
+        "gpu": ["flash-attn>=2.6"],  # NVIDIA apex: build from source or use the NGC image
     },
     entry_points={"console_scripts": ["moe-train=moe_train.cli:main"]},
     ext_modules=ext_modules,

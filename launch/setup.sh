@@ -9,6 +9,7 @@ PY=${PYTHON:-python3}
 stamp=.venv/.moe_train-installed
 want=$(cat setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  .venv/bin/pip install -q "setuptools>=77" wheel   # the build runs without isolation (it needs torch)
   .venv/bin/pip install -q --no-build-isolation -e ".[dev]"
   echo "$want" > "$stamp"
 fi

@@ -17,7 +17,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moe_train.train.checkpoint import CheckpointError
     from moe_train.train.trainer import RunDirError
 
-    return (ConfigError, DataError, CheckpointError, RunDirError)
+    return (ConfigError, DataError, CheckpointError, RunDirError, OSError)
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +58,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from moe_train.utils.logging import setup_logging
 
     overrides = list(args.overrides) + (["checkpoint.resume=latest"] if args.resume else [])
+    if args.world_size is not None and not args.dry_run:
+        raise ConfigError("--world-size is only used with --dry-run (a real run takes it from torchrun)")
     cfg = load_config(args.config, overrides)
     if args.dry_run:
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))

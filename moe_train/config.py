@@ -60,7 +60,7 @@ class LBLConfig:
     """Load-balancing loss LBL = N_E * sum_i f_i * p_i (Switch Transformer, arXiv 2101.03961)."""
 
     coeff: float = 0.01
-    """Weight of the load-balancing loss in the total loss (0 disables it)."""
+    """Weight of the load-balancing loss (averaged over MoE layers) in the total loss; 0 disables it."""
     scope: str = "micro_batch"
     """Over which tokens f_i and p_i are counted: 'micro_batch' (the tokens of one forward on one rank)."""
 
@@ -92,7 +92,7 @@ class MoEConfig:
     lbl: LBLConfig = field(default_factory=LBLConfig)
     """Load-balancing loss settings."""
     zloss_coeff: float = 0.0
-    """Weight of the router z-loss (ST-MoE, arXiv 2202.08906); 0 disables it."""
+    """Weight of the router z-loss (ST-MoE, arXiv 2202.08906), averaged over MoE layers; 0 disables it."""
 
 
 @dataclass

@@ -26,6 +26,11 @@ def _config(**sections: Mapping[str, object]) -> Config:
 
 # (world, config, expected message) — every message is one line naming keys and values
 BAD_LAYOUTS = [
+    (
+        2,
+        _config(model={"tie_embeddings": True}, parallel={"pp": 2}),
+        r"model.tie_embeddings \(true\) is not supported with parallel.pp \(2\) > 1",
+    ),
     (6, _config(parallel={"tp": 4}), r"world size \(6\) is not divisible by parallel.tp \(4\) \* parallel.pp \(1\)"),
     (12, _config(parallel={"ep": 8}), r"world size \(12\) is not divisible by parallel.etp \(1\) \* parallel.ep \(8\)"),
     (

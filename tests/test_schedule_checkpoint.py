@@ -73,8 +73,8 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path: Path, monkeypatc
     real_save = torch.save
 
     def crashing_save(obj: object, path: object, *args: object, **kwargs: object) -> None:
-        if "trainer.pt" in str(path):
-            Path(str(path)).write_bytes(b"partial")
+        if "trainer.pt" in str(getattr(path, "name", path)):
+            path.write(b"partial")  # type: ignore[attr-defined]
             raise KeyboardInterrupt("simulated crash mid-save")
         real_save(obj, path, *args, **kwargs)  # type: ignore[arg-type]
 
@@ -106,3 +106,12 @@ def test_resume_errors_name_the_path(tmp_path: Path) -> None:
     next(bad.glob("shard_*.pt")).write_bytes(b"garbage")
     with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
         _load(bad)
+
+
+def test_resaving_a_step_replaces_it_and_leaves_no_temp(tmp_path: Path) -> None:
+    _save(tmp_path, 4)
+    state = ckpt.TrainState(4, 99)
+    save_distributed_checkpoint(tmp_path, state, _model(7.0), None, ProcessGroups.single(), {}, 2)
+    assert [p.name for p in ckpt.checkpoint_root(tmp_path).iterdir()] == ["step_00000004"]
+    loaded, model, _ = _load(ckpt.checkpoint_root(tmp_path) / "step_00000004")
+    assert loaded == state and torch.equal(model.weight, torch.full((2, 3), 7.0))

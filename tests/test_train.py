@@ -97,6 +97,28 @@ def test_resume_without_optimizer_state_differs(full_run: tuple[Path, list[dict]
     assert _losses(resumed)[1:] != _losses(records[3:])[1:]
 
 
+def test_resume_with_another_global_batch_continues_at_consumed_samples(
+    full_run: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(full_run[0], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
+    cfg = tiny_config(run_dir, "train.max_steps=6", "train.global_batch_size=4", "checkpoint.resume=latest")
+    trainer = Trainer(cfg)
+    assert trainer.state.consumed_samples == 24
+    batch = trainer.micro_batches(trainer.state.consumed_samples)[0]
+    assert torch.equal(batch.tokens_BS, trainer.source.get_batch([24, 25]).tokens_BS)
+    assert not torch.equal(batch.tokens_BS, trainer.source.get_batch([12, 13]).tokens_BS)
+
+
+def test_bf16_loss_close_to_fp32(tmp_path: Path) -> None:
+    fp32 = Trainer(tiny_config(tmp_path / "a", "train.max_steps=2")).fit()
+    bf16 = Trainer(tiny_config(tmp_path / "b", "train.max_steps=2", "train.precision=bf16")).fit()
+    for a, b in zip(fp32, bf16, strict=True):
+        assert abs(a["lm_loss"] - b["lm_loss"]) < 0.02 * a["lm_loss"]
+        assert a["lm_loss"] != b["lm_loss"]  # bf16 autocast really ran
+
+
 def test_fresh_run_refuses_existing_run_dir(full_run: tuple[Path, list[dict]]) -> None:
     run_dir, _ = full_run
     before = sorted(p.name for p in ckpt.list_checkpoints(run_dir))
@@ -109,7 +131,7 @@ def test_loss_falls_on_mock_data_repeated(tmp_path: Path) -> None:
     """A memorisable stream (one repeated global batch) must be learned: the optimizer loop works."""
     trainer = Trainer(tiny_config(tmp_path / "r", "train.max_steps=30", "checkpoint.every=0"))
     first = trainer.micro_batches(0)
-    trainer.micro_batches = lambda step: first  # type: ignore[method-assign]
+    trainer.micro_batches = lambda first_sample: first  # type: ignore[method-assign]
     records = trainer.fit()
     assert records[-1]["lm_loss"] < 0.7 * records[0]["lm_loss"]
 
@@ -140,6 +162,10 @@ def test_cli_bad_config_and_missing_data(tmp_path: Path) -> None:
     proc = _cli("train", f"data.dir={tmp_path / 'nowhere'}", f"run.dir={run_dir}")
     _assert_one_line_error(proc, "nowhere", "moe-train data build")
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_cli_world_size_needs_dry_run(tmp_path: Path) -> None:
+    _assert_one_line_error(_cli("train", *TINY, f"run.dir={tmp_path}", "--world-size", "4"), "--world-size")
 
 
 def test_cli_resume_without_checkpoint(tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ def run_data(args: argparse.Namespace) -> int:
         manifest = build_dataset(_options(args))
         _log_summary(manifest, time.perf_counter() - start)
     except DataError as exc:
-        log.error("moe-train: error: %s", exc)
+        print(f"moe-train: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,11 @@ def _barrier(groups: ProcessGroups) -> None:
 
 
 def _save_file(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
+    """torch.save, then fsync: the file's bytes are on disk before the directory is renamed into place."""
+    with path.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # -- save --------------------------------------------------------------------------------------
@@ -155,9 +160,12 @@ def _commit(tmp: Path, final: Path, state: TrainState, config: dict[str, Any], w
     _save_file({"train_state": vars(state), "rng": rng_state()}, tmp / "trainer.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+    if final.exists():  # re-saving a step: keep a complete copy under some name at every moment
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     fsync_dir(final.parent)
     prune(final.parent, keep)
     log.info("saved distributed checkpoint %s", final)

@@ -223,7 +223,7 @@ def _check_tensor_parallel(cfg: Config) -> None:
     _check_divisible(cfg.train.seq_len, "train.seq_len (sequence parallel)", p.tp, "parallel.tp")
 
 
-def _check_layer_split(cfg: Config) -> None:
+def check_layer_split(cfg: Config) -> None:
     """Layers per virtual stage: an even split, or parallel.pp_layer_split (every entry >= 1)."""
     p, num_layers = cfg.parallel, cfg.model.num_layers
     stages = p.pp * p.vpp
@@ -300,7 +300,11 @@ def validate_layout(cfg: Config, world_size: int) -> Layout:
     """
     layout = rank_layout(world_size, cfg.parallel)
     _check_tensor_parallel(cfg)
-    _check_layer_split(cfg)
+    check_layer_split(cfg)
+    _require(
+        not (cfg.model.tie_embeddings and cfg.parallel.pp > 1),
+        f"model.tie_embeddings (true) is not supported with parallel.pp ({cfg.parallel.pp}) > 1 yet",
+    )
     _check_schedule(cfg, layout.dp)
     return layout
 

@@ -46,7 +46,7 @@ from torch import nn
 from moe_train.config import Config, ParallelConfig
 from moe_train.model.transformer import MoETransformer, collect_moe_stats, set_aux_loss_scale
 from moe_train.parallel.groups import ProcessGroups
-from moe_train.parallel.layout import _check_layer_split
+from moe_train.parallel.layout import check_layer_split
 from moe_train.parallel.params import virtual_stage_layers
 
 if TYPE_CHECKING:
@@ -69,14 +69,14 @@ def stage_layers(num_layers: int, pp: int, vpp: int = 1, split: list[int] | None
     cfg = Config()
     cfg.model.num_layers = num_layers
     cfg.parallel = ParallelConfig(pp=pp, vpp=vpp, pp_layer_split=split)
-    _check_layer_split(cfg)
+    check_layer_split(cfg)
     return virtual_stage_layers(num_layers, cfg.parallel)
 
 
 def _shallow_clone(module: nn.Module) -> nn.Module:
     """A new module object sharing children, parameters, buffers and hooks with `module`, with its
     own registries (so pruning the clone leaves the original intact). Methods bound on the instance
-    (e.g. tensor parallel's loss `forward`) are rebound to the clone."""
+    are rebound to the clone."""
     clone = module.__class__.__new__(module.__class__)
     for key, value in module.__dict__.items():
         if isinstance(value, dict | set):

@@ -24,13 +24,8 @@ parameter keeps its single-device FQN (checkpoints and `ensure_meta` defaults st
 code changes. Hooks are closures: `copy.deepcopy` (pipeline chunks) shares them and their process
 group instead of trying to copy the group (a ProcessGroup cannot be copied).
 
-The loss: `MoETransformer.forward` calls the full-vocabulary `token_cross_entropy` on the head's
-logits; the model offers no hook for another loss, so this module binds a replacement `forward` on
-the *instance* (no subclass): it runs the class's forward without labels (giving the vocab-shard
-logits), then the vocab-parallel cross entropy. The minimal model change that would remove this
-override: `MoETransformer.__init__` sets `self.token_loss = token_cross_entropy` and `forward` calls
-`self.token_loss(logits_BSV, labels_BS)`; tensor parallelism would then assign the vocab-parallel loss.
-Pipeline chunks built by shallow clone rebind the instance `forward` (pipeline._shallow_clone).
+The loss: the model computes its per-token loss through its `token_loss` attribute; this module
+sets it to `VocabParallelLoss`, the vocab-parallel cross entropy over the head's vocab-shard logits.
 
 ParamMeta (see param_meta.py) is set on every parameter: column-parallel and vocab-parallel weights
 shards [("tp", 0)], row-parallel [("tp", 1)]; parameters replicated inside the sequence-parallel

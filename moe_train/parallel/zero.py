@@ -227,9 +227,12 @@ def optimizer_local_state(optimizer: torch.optim.Optimizer) -> dict[str, dict[st
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state.get(param, {})
-            if "step" in state:
+            if "exp_avg" in state:
                 name = _name(param)
-                step = torch.as_tensor(state["step"], dtype=torch.float32).detach().cpu().clone()
+                raw_step = state.get("step", group.get("step"))  # apex FusedAdam keeps step per group
+                if raw_step is None:
+                    raise ValueError(f"optimizer state of {name} has moments but no step count")
+                step = torch.as_tensor(raw_step, dtype=torch.float32).detach().cpu().clone()
                 out[name] = {"step": step, **{key: state[key].detach().clone() for key in STATE_KEYS}}
     return out
 

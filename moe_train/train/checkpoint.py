@@ -42,6 +42,7 @@ class TrainState:
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
+    """Directory holding a run's checkpoints."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -70,26 +71,31 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
-    """RNG states of torch, python and numpy in a weights_only-loadable form."""
+    """RNG states of torch, python, numpy and this rank's CUDA device, in a weights_only-loadable form.
+
+    Training draws no random numbers after initialisation (no dropout), so rank 0's state is saved and
+    restored on every rank; it matters only for user code that samples."""
     np_state: tuple[Any, ...] = tuple(np.random.get_state())
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() saved."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (after creating or renaming files in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -98,6 +104,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def prune(root: Path, keep_last: int) -> None:
+    """Remove stale temporary directories and all but the newest `keep_last` checkpoints."""
     for stale in root.iterdir():
         if stale.name.startswith(TMP_PREFIX):
             shutil.rmtree(stale, ignore_errors=True)
@@ -106,6 +113,7 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def load_file(path: Path) -> Any:
+    """torch.load with weights_only=True; a missing or damaged file is a one-line CheckpointError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

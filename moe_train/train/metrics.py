@@ -96,8 +96,16 @@ def _truncate_after(path: Path, step: int) -> None:
     """On resume, drop records of steps after the checkpoint so metrics.jsonl has each step once."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if (at := _step_of(line)) is not None and at <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line a crash left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def format_progress(record: dict[str, Any], max_steps: int, eta_s: float) -> str:

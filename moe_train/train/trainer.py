@@ -120,11 +120,13 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def micro_batches(self, step: int) -> list[Batch]:
-        """This rank's micro-batches: DP replica d takes slice d of the global batch of `step`."""
+    def micro_batches(self, first_sample: int) -> list[Batch]:
+        """This rank's micro-batches of the global batch starting at global sample `first_sample`:
+        DP replica d takes slice d. The data position is consumed_samples, so a resumed run continues
+        exactly where it stopped even with another layout or global batch size."""
         t = self.cfg.train
         per_replica = t.global_batch_size // self.groups.dp_size
-        start = step * t.global_batch_size + self.groups.dp_rank * per_replica
+        start = first_sample + self.groups.dp_rank * per_replica
         indices = list(range(start, start + per_replica))
         mbs = t.micro_batch_size
         return [self.source.get_batch(indices[i : i + mbs]) for i in range(0, len(indices), mbs)]
@@ -133,12 +135,12 @@ class Trainer:
         enabled = self.cfg.train.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def train_step(self, step: int) -> StepResult:
+    def train_step(self) -> StepResult:
         """Forward/backward over this rank's micro-batches, reduce grads, clip, one optimizer step."""
+        step = self.state.step
         self.pmodel.train()
-        stats = forward_backward(
-            self.pmodel, self.micro_batches(step), self.device, self._autocast(), len(self.source.domains)
-        )
+        batches = self.micro_batches(self.state.consumed_samples)
+        stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
         if self.pmodel.reducer is not None:
             self.pmodel.reducer.finish()
         grad_norm = self._clip()
@@ -216,24 +218,28 @@ class Trainer:
         t = self.cfg.train
         records: list[dict[str, Any]] = []
         times: list[float] = []
-        while self.state.step < t.max_steps:
-            start = time.perf_counter()
-            result = self.train_step(self.state.step)
-            self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
-            elapsed = time.perf_counter() - start
-            times.append(elapsed)
-            record = self._record(self.state.step, result, elapsed)
-            records.append(record)
-            self.metrics.write_step(record, result.expert_counts_LE)
-            step = self.state.step
-            if step % t.log_every == 0 or step == t.max_steps or step == 1:
-                eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
-                log.info(format_progress(record, t.max_steps, eta))
-            if self.val_batches and self._should(t.eval_every, step):
-                losses = self.evaluate()
-                self.metrics.write_eval(step, losses)
-                log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
-            if self._should(self.cfg.checkpoint.every, step):
-                self.save()
-        self.metrics.close()
+        try:
+            while self.state.step < t.max_steps:
+                start = time.perf_counter()
+                result = self.train_step()
+                self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
+                times.append(time.perf_counter() - start)
+                records.append(self._record(self.state.step, result, times[-1]))
+                self.metrics.write_step(records[-1], result.expert_counts_LE)
+                self._after_step(records[-1], times)
+        finally:
+            self.metrics.close()
         return records
+
+    def _after_step(self, record: dict[str, Any], times: list[float]) -> None:
+        """Console progress, periodic validation and checkpoints."""
+        t, step = self.cfg.train, self.state.step
+        if step % t.log_every == 0 or step == t.max_steps or step == 1:
+            eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
+            log.info(format_progress(record, t.max_steps, eta))
+        if self.val_batches and self._should(t.eval_every, step):
+            losses = self.evaluate()
+            self.metrics.write_eval(step, losses)
+            log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+        if self._should(self.cfg.checkpoint.every, step):
+            self.save()
