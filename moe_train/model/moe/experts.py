@@ -37,10 +37,12 @@ class GroupedExperts(nn.Module):
         if tokens_per_expert_E.numel() != num_local:
             raise ValueError(f"tokens_per_expert has {tokens_per_expert_E.numel()} entries for {num_local} experts")
         splits = tokens_per_expert_E.tolist()  # host sync: split sizes must be Python ints
+        # unbind once: indexing w[e] per expert would make backward build E full-size zero gradients
+        w1s, w3s, w2s = self.w1_EHF.unbind(0), self.w3_EHF.unbind(0), self.w2_EFH.unbind(0)
         outs = []
-        for e, x_MH in enumerate(torch.split(x_sorted_NH, splits)):
-            h_MF = F.silu(x_MH @ self.w1_EHF[e]) * (x_MH @ self.w3_EHF[e])
-            outs.append(h_MF @ self.w2_EFH[e])
+        for x_MH, w1_HF, w3_HF, w2_FH in zip(torch.split(x_sorted_NH, splits), w1s, w3s, w2s, strict=True):
+            h_MF = F.silu(x_MH @ w1_HF) * (x_MH @ w3_HF)
+            outs.append(h_MF @ w2_FH)
         if not outs:
             return x_sorted_NH.new_zeros(0, x_sorted_NH.shape[-1])
         return torch.cat(outs)
