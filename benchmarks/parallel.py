@@ -63,10 +63,9 @@ COLLECTIVES = (
     "reduce_scatter_tensor",
     "all_to_all_single",
     "broadcast",
-    "isend",
-    "irecv",
     "send",
     "recv",
+    "batch_isend_irecv",
 )
 
 
@@ -84,7 +83,10 @@ def count_collective_bytes(counter: dict[str, int]) -> None:
         original = getattr(dist, name)
 
         def wrapped(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
-            tensor = args[1] if _name in ("all_gather", "reduce_scatter", "all_to_all_single") else args[0]
+            if _name == "batch_isend_irecv":  # P2POp checks its op's identity: count here, not in isend
+                tensor = [op.tensor for op in args[0] if op.op is dist.isend]
+            else:
+                tensor = args[1] if _name in ("all_gather", "reduce_scatter", "all_to_all_single") else args[0]
             counter[_name] += _nbytes(tensor)
             return _original(*args, **kwargs)
 
@@ -110,6 +112,27 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str
         dist.destroy_process_group()
 
 
+def _collect(queue: Any, procs: list[Any], timeout_s: float = 1800.0) -> list[Any]:
+    """One result per rank; stop every rank as soon as one dies (instead of waiting forever)."""
+    import queue as queue_module
+    import time
+
+    results: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=1.0))
+        except queue_module.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a rank failed (exit codes {failed}) or the run timed out") from None
+    for p in procs:
+        p.join()
+    return results
+
+
 def run_layout(world: int, overrides: list[str], steps: int) -> dict[str, Any]:
     """Spawn the layout, return median step time (after 2 warmup steps) and bytes per step per rank."""
     ctx = mp.get_context("spawn")
@@ -122,9 +145,7 @@ def run_layout(world: int, overrides: list[str], steps: int) -> dict[str, Any]:
         procs = [ctx.Process(target=_worker, args=(r, world, port, args, tmp, queue)) for r in range(world)]
         for p in procs:
             p.start()
-        results = [queue.get(timeout=1800) for _ in procs]
-        for p in procs:
-            p.join()
+        results = _collect(queue, procs)
     times = [t for _, ts, _, _ in results for t in ts[2:]]
     byte_totals: dict[str, float] = defaultdict(float)
     for _, _, counter, _ in results:
