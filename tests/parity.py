@@ -65,9 +65,10 @@ def layout_config(overrides: list[str], run_dir: Path) -> Config:
 def canonical_parameters(pm: ParallelModel, groups: ProcessGroups) -> dict[str, torch.Tensor] | None:
     """Reassemble every parameter into its canonical tensor on rank 0 (None on other ranks)."""
     pieces = []
+    params = dict(pm.named_parameters())
     for name, meta in pm.metas().items():
         if owns_unique_copy(meta, groups):
-            param = dict(pm.named_parameters())[name]
+            param = params[name]
             offsets, lengths = shard_box(meta, groups)
             slices = tuple(slice(o, o + n) for o, n in zip(offsets, lengths, strict=True))
             pieces.append((meta.canonical_name, meta.canonical_shape, slices, param.detach()))

@@ -3,9 +3,7 @@
 Inside a tensor-parallel group every rank computes the *same* loss (replicated), so the backward of a
 forward all-reduce is the identity and vice versa:
 
-- `copy_to_region`:           fwd identity,                 bwd all-reduce (sum)
 - `reduce_from_region`:       fwd all-reduce (sum),         bwd identity
-- `scatter_to_sequence`:      fwd keep own chunk of dim,    bwd all-gather along dim
 - `gather_from_sequence`:     fwd all-gather along dim,     bwd reduce-scatter (sum) along dim
 - `reduce_scatter_to_sequence`: fwd reduce-scatter along dim, bwd all-gather along dim
 
@@ -71,17 +69,6 @@ def split_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return x.chunk(size, dim=dim)[group_rank(group)].contiguous()
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return all_reduce_sum(grad, ctx.group), None
-
-
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -90,17 +77,6 @@ class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-        ctx.dim, ctx.group = dim, group
-        return split_dim(x, dim, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return all_gather_dim(grad, ctx.dim, ctx.group), None, None
 
 
 class _GatherFromSequence(torch.autograd.Function):
@@ -125,19 +101,9 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return all_gather_dim(grad, ctx.dim, ctx.group), None, None
 
 
-def copy_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Identity forward; gradients summed over `group` in backward."""
-    return x if group_size(group) == 1 else _CopyToRegion.apply(x, group)
-
-
 def reduce_from_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum over `group` forward; identity backward (every rank holds the same loss)."""
     return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group)
-
-
-def scatter_to_sequence(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    """Keep this rank's contiguous chunk along `dim`; all-gather in backward."""
-    return x if group_size(group) == 1 else _ScatterToSequence.apply(x, dim, group)
 
 
 def gather_from_sequence(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import types
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -75,14 +74,11 @@ def stage_layers(num_layers: int, pp: int, vpp: int = 1, split: list[int] | None
 
 def _shallow_clone(module: nn.Module) -> nn.Module:
     """A new module object sharing children, parameters, buffers and hooks with `module`, with its
-    own registries (so pruning the clone leaves the original intact). Methods bound on the instance
-    are rebound to the clone."""
+    own registries (so pruning the clone leaves the original intact)."""
     clone = module.__class__.__new__(module.__class__)
     for key, value in module.__dict__.items():
         if isinstance(value, dict | set):
             value = value.copy()
-        elif isinstance(value, types.MethodType) and value.__self__ is module:
-            value = types.MethodType(value.__func__, clone)
         clone.__dict__[key] = value
     return clone
 

@@ -45,14 +45,13 @@ def forward_backward(
 ) -> StepStats:
     """Run every micro-batch forward and backward (pipelined when pp > 1); returns this rank's stats."""
     scale = 1.0 / len(batches)
-    for chunk in pm.chunks:
-        set_aux_loss_scale(chunk, scale)
-    if pm.schedule is not None:
+    if pm.schedule is not None:  # sets the aux-loss scale on its chunks itself
         result = pm.schedule.forward_backward(batches, scale, device, autocast, num_domains)
         return StepStats(
             result.lm_loss, result.lbl, result.zloss, result.domain_sum, result.domain_count, result.expert_counts_LE
         )
     (model,) = pm.chunks
+    set_aux_loss_scale(model, scale)
     lm = lbl = zloss = 0.0
     domain_sum = torch.zeros(num_domains, dtype=torch.float64)
     domain_count = torch.zeros_like(domain_sum)

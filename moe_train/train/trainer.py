@@ -19,6 +19,7 @@ import torch
 from moe_train.config import Config, save_config, to_dict
 from moe_train.data import Batch, build_train_source, build_val_batches, validate_data
 from moe_train.model import build_model, flops_per_token
+from moe_train.parallel.clip import clip_grad_norm_
 from moe_train.parallel.dist_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.layout import validate_layout
@@ -150,13 +151,9 @@ class Trainer:
         return self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
 
     def _clip(self) -> float:
+        """Global grad-norm clipping; each parameter counted once across every parallel group."""
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        if self.groups.world_size > 1:
-            from moe_train.parallel.clip import clip_grad_norm_
-
-            return float(clip_grad_norm_(self.pmodel.parameters(), max_norm, self.groups))
-        params = [p for p in self.pmodel.parameters() if p.grad is not None]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        return float(clip_grad_norm_(self.pmodel.parameters(), max_norm, self.groups))
 
     def _result(self, stats: StepStats, grad_norm: float) -> StepResult:
         moe = self.cfg.moe
