@@ -1,7 +1,8 @@
 """`moe-train` command line: train | data | inspect.
 
 Every user error (config, data, checkpoint, run directory) ends as one line on stderr naming what is
-wrong and where, with exit status 2; nothing is written before the inputs are validated.
+wrong and where, with exit status 2; nothing is written before the inputs are validated. Under
+torchrun the line is printed once (by the first rank that fails), not once per rank.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_data(args)
     except _user_errors() as exc:
-        print(f"moe-train: error: {exc}", file=sys.stderr)
+        from moe_train.utils.logging import first_to_report_error
+
+        if first_to_report_error():
+            print(f"moe-train: error: {exc}", file=sys.stderr)
         return 2
 
 

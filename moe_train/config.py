@@ -160,7 +160,10 @@ class OptimConfig:
     warmup_steps: int = 10
     """Linear warmup steps."""
     decay_fraction: float = 0.2
-    """For 'wsd': fraction of train.max_steps spent in the final linear decay."""
+    """For 'wsd': fraction of the schedule length (optim.decay_steps) spent in the final linear decay."""
+    decay_steps: int | None = None
+    """Length of the schedule: the LR reaches its floor here and stays there (Megatron's lr-decay-iters);
+    null means train.max_steps. Set it to keep a run's schedule when resuming with a larger max_steps."""
     fused: bool = True
     """Use a fused AdamW kernel where one is available (apex FusedAdam or torch fused on CUDA)."""
 
@@ -183,6 +186,8 @@ class TrainConfig:
     """'fp32', or 'bf16' (autocast with fp32 master weights)."""
     eval_every: int = 50
     """Validate every this many steps (and at the end); 0 disables validation."""
+    eval_at_start: bool = True
+    """Also validate the initial model (step 0) of a fresh run, so validation curves start at the init."""
     eval_batches: int = 4
     """Micro-batches per domain in one validation."""
     log_every: int = 10
@@ -209,6 +214,9 @@ class LogConfig:
     """Write TensorBoard event files to <run.dir>/tb."""
     level: str = "INFO"
     """Python logging level."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device, MFU's denominator; null means a table for known GPUs or, on CPU, a
+    matmul probe cached per machine in ~/.cache/moe_train/peak_flops.json."""
 
 
 @dataclass
@@ -364,10 +372,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config file {_yaml_error_text(p, exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level")
     return data
+
+
+def _yaml_error_text(path: Path, exc: yaml.YAMLError) -> str:
+    """'PATH:LINE:COLUMN is not valid YAML: PROBLEM (CONTEXT)', lines and columns counted from 1."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        context += f" started at {start.line + 1}:{start.column + 1}"
+    return f"{where} is not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -460,10 +479,14 @@ def _validate_train(cfg: Config) -> None:
     _one_of(cfg, "optim.schedule", ("cosine", "wsd", "constant"))
     _require(o.warmup_steps >= 0, f"optim.warmup_steps ({o.warmup_steps}) must be >= 0")
     _require(0 < o.decay_fraction <= 1, f"optim.decay_fraction ({o.decay_fraction}) must be in (0, 1]")
+    if o.decay_steps is not None:
+        _positive(cfg, "optim.decay_steps")
     c = cfg.checkpoint
     _require(c.every >= 0, f"checkpoint.every ({c.every}) must be >= 0")
     _require(c.keep_last >= 1, f"checkpoint.keep_last ({c.keep_last}) must be >= 1")
     _one_of(cfg, "log.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    if cfg.log.peak_tflops is not None:
+        _positive(cfg, "log.peak_tflops")
     _require(bool(cfg.run.dir), "run.dir must not be empty")
 
 

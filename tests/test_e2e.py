@@ -58,10 +58,11 @@ def test_train_on_built_corpus_validation_loss_falls(data_dir: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [line["val_loss"] for line in lines if "val_loss" in line]
-    assert len(evals) == 2
+    assert [line["step"] for line in lines if "val_loss" in line] == [0, 20, 40]  # the init, then every 20
     assert set(evals[0]) == {*DOMAINS, "all"}
+    assert evals[0]["all"] > 5.5  # ~ln(512) at init
     train = [line for line in lines if "loss" in line]
-    assert train[0]["lm_loss"] > 5.5  # ~ln(512) at init
+    assert train[0]["lm_loss"] > 5.5
     assert evals[-1]["all"] < train[0]["lm_loss"] - 1.0
     assert evals[-1]["all"] < evals[0]["all"]
     assert all(evals[-1][d] < train[0]["lm_loss"] - 0.5 for d in DOMAINS)

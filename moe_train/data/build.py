@@ -133,10 +133,23 @@ def _make_tokenizer(domains: list[Domain], opts: BuildOptions) -> tuple[Tokenize
         "file": TOKENIZER_NAME,
         "origin": origin,
         "vocab_size": tok.get_vocab_size(),
+        "requested_vocab_size": None if opts.tokenizer is not None else opts.vocab_size,
         "eos_token": opts.eos_token,
         "eos_id": eos_id(tok, opts.eos_token, origin),
     }
+    if opts.tokenizer is None and info["vocab_size"] < opts.vocab_size:
+        info["vocab_note"] = _short_vocab_note(info["vocab_size"], opts)
+        log.warning("%s", info["vocab_note"])
     return tok, info
+
+
+def _short_vocab_note(got: int, opts: BuildOptions) -> str:
+    """Why the trained vocabulary is smaller than asked, and what to do."""
+    return (
+        f"the tokenizer has {got:,} tokens, fewer than --vocab-size {opts.vocab_size:,}: the BPE ran out of "
+        f"pairs seen at least twice in its sample (<= {opts.tokenizer_sample_bytes:,} bytes per domain); more "
+        f"text gives more tokens, and any model.vocab_size >= {got:,} fits this data"
+    )
 
 
 def _doc_batches(docs: list[str]) -> Iterator[list[str]]:

@@ -67,7 +67,8 @@ def sources_markdown(manifest: dict[str, Any]) -> str:
         notes = dom["source"].get("notes") or "-"
         lines.append(f"- **{name}**: {notes}")
     tok = manifest["tokenizer"]
-    lines += ["", "## Tokenizer", "", f"{tok['origin']}; vocab {tok['vocab_size']}, EOS {tok['eos_token']!r}.", ""]
+    lines += ["", "## Tokenizer", "", f"{tok['origin']}; vocab {tok['vocab_size']}, EOS {tok['eos_token']!r}."]
+    lines += ([f"Note: {tok['vocab_note']}."] if tok.get("vocab_note") else []) + [""]
     return "\n".join(lines)
 
 

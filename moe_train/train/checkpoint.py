@@ -8,6 +8,7 @@ the next save; the last `keep_last` checkpoints are kept.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -68,6 +69,15 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
     if not (path / "index.json").is_file():
         raise CheckpointError(f"checkpoint.resume ({resume}) is not a checkpoint directory (no index.json)")
     return path
+
+
+def saved_config(path: str | Path) -> dict[str, Any] | None:
+    """The config a checkpoint was written with (its config.json), or None when it has none."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,28 +17,21 @@ log = get_logger(__name__)
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def measure_cpu_peak_flops(size: int = 1024, repeats: int = 3) -> float:
-    """Achievable fp32 matmul FLOP/s of this CPU (best of a few size³ matmuls): MFU's denominator on CPU."""
+def measure_cpu_peak_flops(size: int = 1024, repeats: int = 3, min_seconds: float = 0.0) -> float:
+    """Achievable fp32 matmul FLOP/s of this CPU: the best of at least `repeats` size³ matmuls, timed
+    one by one until `min_seconds` have passed (other load only ever slows a matmul down, so the best
+    is the least disturbed). MFU's denominator on CPU (see moe_train.train.peak)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = float("inf")
-    for _ in range(repeats):
+    deadline = time.perf_counter() + min_seconds
+    done = 0
+    while done < repeats or time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
+        done += 1
     return 2 * size**3 / best
-
-
-def peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s used for MFU: a table for known GPUs, a measured matmul probe on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-        log.warning("unknown GPU %s: MFU assumes 312 TFLOP/s", name)
-        return 312e12
-    return measure_cpu_peak_flops()
 
 
 class MetricsWriter:
@@ -108,11 +101,46 @@ def _step_of(line: str) -> int | None:
         return None
 
 
-def format_progress(record: dict[str, Any], max_steps: int, eta_s: float) -> str:
-    """One console line: step, loss, lr, tokens/s, MFU, ETA."""
-    eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
+def format_progress(record: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
+    """One console line: step, loss, lr, tokens/s, MFU, ETA (--:--:-- while warming up)."""
+    eta = "--:--:--" if eta_s is None else time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
     return (
         f"step {record['step']:>6}/{max_steps} | loss {record['loss']:.4f} (lm {record['lm_loss']:.4f} "
         f"lbl {record['lbl']:.3f}) | lr {record['lr']:.2e} | grad {record['grad_norm']:.3f} | "
         f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {eta}"
     )
+
+
+class EtaEstimator:
+    """Time left in a run: the median of the last `window` step times, the first `warmup` steps of this
+    process left out (they pay for allocation, caches and compilation), times the steps left, plus
+    the validations still to come at the cost of the last one.
+
+    The median ignores the occasional slow step (a checkpoint, another process's burst); before any
+    step after warm-up there is no estimate (None)."""
+
+    def __init__(self, warmup: int = 2, window: int = 20) -> None:
+        self.warmup = warmup
+        self.window = window
+        self.seen = 0
+        self.recent: list[float] = []
+        self.eval_s: float | None = None
+
+    def add_step(self, seconds: float) -> None:
+        """Record one optimizer step's wall time."""
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.recent = [*self.recent, seconds][-self.window :]
+
+    def add_eval(self, seconds: float) -> None:
+        """Record one validation's wall time (the next ones are assumed to cost the same)."""
+        self.eval_s = seconds
+
+    def eta(self, steps_left: int, evals_left: int = 0) -> float | None:
+        """Seconds until the end; None while only warm-up steps have been seen."""
+        if not self.recent:
+            return None
+        ordered = sorted(self.recent)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        return steps_left * median + evals_left * (self.eval_s or 0.0)

@@ -25,9 +25,10 @@ from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.layout import validate_layout
 from moe_train.parallel.parallelize import parallelize
 from moe_train.train import checkpoint as ckpt
-from moe_train.train.metrics import MetricsWriter, format_progress, peak_flops
+from moe_train.train.metrics import EtaEstimator, MetricsWriter, format_progress
 from moe_train.train.optim import build_optimizer, set_lr
-from moe_train.train.schedule import lr_at
+from moe_train.train.peak import MfuMeter, device_peak
+from moe_train.train.schedule import lr_at, schedule_change_warning
 from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
 from moe_train.utils.logging import get_logger
 
@@ -60,8 +61,8 @@ def prepare_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.run.dir)
     if cfg.checkpoint.resume is None and ckpt.list_checkpoints(run_dir):
         raise RunDirError(
-            f"run.dir ({run_dir}) already holds checkpoints; set checkpoint.resume=latest to continue it "
-            "or choose a new run.dir"
+            f"run.dir ({run_dir}) already holds checkpoints; continue it with --resume "
+            "(checkpoint.resume=latest) or start a new run with run.dir=<another directory>"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -92,7 +93,8 @@ class Trainer:
             self.run_dir, cfg.log.tensorboard, resume_step=self.state.step, enabled=self.is_main
         )
         self.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
-        self.peak_flops = peak_flops(self.device) * self.groups.world_size
+        self.mfu = MfuMeter(device_peak(self.device, cfg.log.peak_tflops), self.groups.world_size, self.is_main)
+        self.eta = EtaEstimator()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -106,6 +108,11 @@ class Trainer:
         self.state, rng = load_distributed_checkpoint(path, self.pmodel.chunks, self.optimizer, self.groups)
         ckpt.set_rng_state(rng)
         log.info("resumed from %s at step %d", path, self.state.step)
+        saved = ckpt.saved_config(path)
+        if saved is not None and self.is_main:
+            warning = schedule_change_warning(saved, self.cfg.optim, self.cfg.train.max_steps, self.state.step)
+            if warning:
+                log.warning(warning)
 
     def save(self) -> Path:
         """Layout-independent checkpoint (every rank writes its unique shards; atomic)."""
@@ -202,7 +209,7 @@ class Trainer:
             "grad_norm": result.grad_norm,
             "tokens": step * tokens,
             "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "mfu": self.mfu(tokens_per_s * self.flops_per_token),
             "step_time_s": elapsed,
             "domain_loss": result.domain_loss,
         }
@@ -214,29 +221,44 @@ class Trainer:
         """Train until train.max_steps; returns the per-step metric records of this call."""
         t = self.cfg.train
         records: list[dict[str, Any]] = []
-        times: list[float] = []
         try:
+            if self.val_batches and t.eval_at_start and self.state.step == 0:
+                self._validate()
             while self.state.step < t.max_steps:
                 start = time.perf_counter()
                 result = self.train_step()
                 self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
-                times.append(time.perf_counter() - start)
-                records.append(self._record(self.state.step, result, times[-1]))
+                elapsed = time.perf_counter() - start
+                self.eta.add_step(elapsed)
+                records.append(self._record(self.state.step, result, elapsed))
                 self.metrics.write_step(records[-1], result.expert_counts_LE)
-                self._after_step(records[-1], times)
+                self._after_step(records[-1])
         finally:
             self.metrics.close()
         return records
 
-    def _after_step(self, record: dict[str, Any], times: list[float]) -> None:
+    def _validate(self) -> None:
+        """Validate at the current step: metrics.jsonl, TensorBoard, one console line."""
+        start = time.perf_counter()
+        losses = self.evaluate()
+        self.eta.add_eval(time.perf_counter() - start)
+        self.metrics.write_eval(self.state.step, losses)
+        log.info("step %d validation: %s", self.state.step, " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+
+    def _evals_left(self, step: int) -> int:
+        """Validations still to come after `step` (every train.eval_every steps and at the end)."""
+        t = self.cfg.train
+        if not self.val_batches or step >= t.max_steps:
+            return 0
+        return t.max_steps // t.eval_every - step // t.eval_every + (1 if t.max_steps % t.eval_every else 0)
+
+    def _after_step(self, record: dict[str, Any]) -> None:
         """Console progress, periodic validation and checkpoints."""
         t, step = self.cfg.train, self.state.step
         if step % t.log_every == 0 or step == t.max_steps or step == 1:
-            eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
+            eta = self.eta.eta(t.max_steps - step, self._evals_left(step))
             log.info(format_progress(record, t.max_steps, eta))
         if self.val_batches and self._should(t.eval_every, step):
-            losses = self.evaluate()
-            self.metrics.write_eval(step, losses)
-            log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+            self._validate()
         if self._should(self.cfg.checkpoint.every, step):
             self.save()
