@@ -129,7 +129,7 @@ def _make_tokenizer(domains: list[Domain], opts: BuildOptions) -> tuple[Tokenize
         )
         tok = train_bpe(_tokenizer_sample(domains, opts.tokenizer_sample_bytes), opts.vocab_size, opts.eos_token)
         origin = f"byte-level BPE trained on <= {opts.tokenizer_sample_bytes} bytes per domain"
-    info = {
+    info: dict[str, Any] = {
         "file": TOKENIZER_NAME,
         "origin": origin,
         "vocab_size": tok.get_vocab_size(),
