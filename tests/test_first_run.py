@@ -164,8 +164,6 @@ def test_eta_skips_warmup_and_ignores_outliers() -> None:
     for _ in range(3):
         eta.add_step(2.0)  # the window moves: the rate is recent
     assert eta.eta(10) == pytest.approx(20.0)
-    mean_of_all = sum((40, 9, 1, 1.2, 30, 0.9, 1.1)) / 7  # twin: what a plain mean would have said
-    assert abs(mean_of_all * 100 - 110) > 500
 
 
 # -- validation at step 0 ---------------------------------------------------------------------
