@@ -171,6 +171,8 @@ def test_eta_skips_warmup_and_ignores_outliers() -> None:
 
 def test_validation_of_the_initial_model(tmp_path: Path) -> None:
     base = [*TINY, "train.max_steps=2", "train.eval_every=2", "checkpoint.every=1"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 0, "val_loss": {"all": 1.0}}\n')  # an aborted run's
     trainer = Trainer(load_config(None, [*base, f"run.dir={tmp_path / 'a'}"]))
     init_val = trainer.evaluate()
     trainer.fit()

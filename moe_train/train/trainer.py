@@ -89,9 +89,8 @@ class Trainer:
             self._restore(resume_path)
         if self.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsWriter(
-            self.run_dir, cfg.log.tensorboard, resume_step=self.state.step, enabled=self.is_main
-        )
+        kept_step = self.state.step if resume_path is not None else -1  # a fresh run keeps no old lines
+        self.metrics = MetricsWriter(self.run_dir, cfg.log.tensorboard, resume_step=kept_step, enabled=self.is_main)
         self.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
         self.mfu = MfuMeter(device_peak(self.device, cfg.log.peak_tflops), self.groups.world_size, self.is_main)
         self.eta = EtaEstimator()
