@@ -81,8 +81,14 @@ class Trainer:
         self.device = _device()
         self.source = build_train_source(cfg)
         self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
-        self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
-        self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
+        self.deepspeed = cfg.engine.name == "deepspeed"
+        if self.deepspeed:  # reduction, clipping and the update run inside DeepSpeed's engine
+            from moe_train.train.deepspeed_engine import build_deepspeed
+
+            self.pmodel, self.optimizer = build_deepspeed(build_model(cfg).to(self.device), self.groups, cfg)
+        else:
+            self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
+            self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         if resume_path is not None:
             self._restore(resume_path)
@@ -141,7 +147,11 @@ class Trainer:
         step = self.state.step
         self.pmodel.train()
         batches = self.micro_batches(self.state.consumed_samples)
+        if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
+            set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
+        if self.deepspeed:
+            return self._result(reduce_step_stats(stats, self.groups, self.device), self.optimizer.grad_norm())
         if self.pmodel.reducer is not None:
             self.pmodel.reducer.finish()
         grad_norm = self._clip()
