@@ -201,7 +201,8 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep this many most recent checkpoints."""
     resume: str | None = None
-    """'latest' (newest checkpoint in <run.dir>/checkpoints), a checkpoint path, or null for a fresh run."""
+    """'latest' (newest checkpoint in <run.dir>/checkpoints), 'auto' (the newest if there is one, else a fresh
+    run: for requeued jobs), a checkpoint path, or null for a fresh run."""
 
 
 @dataclass
@@ -212,6 +213,8 @@ class LogConfig:
     """Write TensorBoard event files to <run.dir>/tb."""
     level: str = "INFO"
     """Python logging level."""
+    progress_bar: str = "auto"
+    """Progress bar with ETA on rank 0: 'auto' (when stderr is a terminal), 'always' or 'never'."""
 
 
 @dataclass
@@ -486,6 +489,7 @@ def _validate_train(cfg: Config) -> None:
     _require(c.every >= 0, f"checkpoint.every ({c.every}) must be >= 0")
     _require(c.keep_last >= 1, f"checkpoint.keep_last ({c.keep_last}) must be >= 1")
     _one_of(cfg, "log.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _one_of(cfg, "log.progress_bar", ("auto", "always", "never"))
     _require(bool(cfg.run.dir), "run.dir must not be empty")
 
 

@@ -23,6 +23,8 @@ What DeepSpeed does, and what stays moe_train's:
 
 from __future__ import annotations
 
+import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +44,18 @@ log = get_logger(__name__)
 
 
 def _import_deepspeed() -> Any:
+    """deepspeed, without its CPU shared-memory all-reduce op: DeepSpeed JIT-compiles that op (minutes on a
+    busy 2-core machine, and again whenever the build environment differs) for inference all-reduces only;
+    training reduces through torch.distributed (gloo) on CPU either way."""
     try:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
     except ImportError as exc:
         raise ConfigError(f"engine.name=deepspeed needs DeepSpeed: pip install deepspeed ({exc})") from None
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) drown ours
+    if get_accelerator().device_name() == "cpu":
+        # by module path: deepspeed.comm re-exports the name `torch` (the torch package)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 

@@ -27,6 +27,7 @@ from moe_train.parallel.parallelize import parallelize
 from moe_train.train import checkpoint as ckpt
 from moe_train.train.metrics import MetricsWriter, format_progress, peak_flops
 from moe_train.train.optim import build_optimizer, set_lr
+from moe_train.train.progress import ProgressBar
 from moe_train.train.schedule import lr_at
 from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
 from moe_train.utils.logging import get_logger
@@ -225,6 +226,7 @@ class Trainer:
         t = self.cfg.train
         records: list[dict[str, Any]] = []
         times: list[float] = []
+        self.progress = ProgressBar(t.max_steps, self.state.step, self.cfg.log.progress_bar, self.is_main)
         try:
             while self.state.step < t.max_steps:
                 start = time.perf_counter()
@@ -235,14 +237,16 @@ class Trainer:
                 self.metrics.write_step(records[-1], result.expert_counts_LE)
                 self._after_step(records[-1], times)
         finally:
+            self.progress.close()
             self.metrics.close()
         return records
 
     def _after_step(self, record: dict[str, Any], times: list[float]) -> None:
         """Console progress, periodic validation and checkpoints."""
         t, step = self.cfg.train, self.state.step
+        eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
+        self.progress.update(record, eta)
         if step % t.log_every == 0 or step == t.max_steps or step == 1:
-            eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
             log.info(format_progress(record, t.max_steps, eta))
         if self.val_batches and self._should(t.eval_every, step):
             losses = self.evaluate()
