@@ -55,7 +55,7 @@ def _import_deepspeed() -> Any:
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines (config dumps, timers) drown ours
     if get_accelerator().device_name() == "cpu":
         # by module path: deepspeed.comm re-exports the name `torch` (the torch package)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)  # noqa: B010
     return deepspeed
 
 
