@@ -1,8 +1,8 @@
 """TensorBoard: TensorBoard's own reader finds every tag README.md documents in its Outputs section.
 
 The documented tags are read from README.md (backticked `prefix/name` tokens of the Outputs section), so
-a tag documented later is checked too. Placeholders expand over the run: `<domain>` to its domains
-, `layerN` to its MoE layers.
+a tag documented later is checked too. Placeholders expand over the run: `<domain>` to its domains,
+`layerN` to its MoE layers.
 """
 
 from __future__ import annotations
