@@ -86,18 +86,24 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert proc.stderr.splitlines() == [message.format(tmp=tmp_path)] and proc.stdout == ""
 
 
-def test_torchrun_sh_two_ranks_rank_prefixed_warnings_and_one_progress_bar(tmp_path: Path) -> None:
-    """pp2 with one micro-batch per step: the layout check warns on every rank."""
+def test_torchrun_sh_two_nodes_rank_prefixed_warnings_and_one_progress_bar(tmp_path: Path) -> None:
+    """Two torchrun agents ("nodes", one process each) meet at a c10d rendezvous; pp2 with one
+    micro-batch per step makes the layout check warn on every rank. (The single-node --standalone
+    command is run for real by tests/test_launch.py.)"""
     overrides = [*BASE, "parallel.pp=2", "train.global_batch_size=2", "train.max_steps=2", "train.eval_every=0"]
     overrides += ["log.level=INFO", "log.progress_bar=always", "train.log_every=1", f"run.dir={tmp_path / 'run'}"]
-    env = {**ENV, "RDZV_ID": "unused"}
-    proc = _run(str(LAUNCH / "torchrun.sh"), "--nproc-per-node", "2", "--", *overrides, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    node = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "t"]
+    cmd = ["bash", str(LAUNCH / "torchrun.sh"), *node, "--", *overrides]
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)]
+    agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO))
+    outputs = [agent.communicate(timeout=600) for agent in agents]
+    stderr = "\n".join(err for _, err in outputs)
+    assert [agent.returncode for agent in agents] == [0, 0], stderr[-3000:]
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
         1,
         2,
     ]
-    lines = proc.stderr.replace("\r", "\n").splitlines()
+    lines = stderr.replace("\r", "\n").splitlines()
     warning = "WARNING micro-batches per step (1) < parallel.pp (2)"
     assert any(warning in line and "[rank1] " in line for line in lines)
     assert any(warning in line and "[rank" not in line for line in lines)  # rank 0: no prefix

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch import nn
 from moe_train.config import Config, ConfigError
 from moe_train.engine_config import deepspeed_config_for
 from moe_train.parallel.groups import ProcessGroups
+from moe_train.parallel.launch import resolve_backend
 from moe_train.parallel.parallelize import ParallelModel, shard_model
 from moe_train.parallel.param_meta import get_meta
 from moe_train.parallel.zero import STATE_KEYS
@@ -149,6 +151,10 @@ def build_deepspeed(model: nn.Module, groups: ProcessGroups, cfg: Config) -> tup
     """Shard `model` (expert parallel), wrap it with deepspeed.initialize; returns (pmodel, optimizer)."""
     deepspeed = _import_deepspeed()
     ds_config = deepspeed_config_for(cfg, groups.dp_size)
+    if not dist.is_initialized():  # one process: DeepSpeed still wants a (one-rank) process group
+        backend = resolve_backend(cfg.parallel.backend)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; torchrun would have set it
     sharded = shard_model(model, groups, cfg)
     (local,) = sharded.chunks
     marker = _expert_groups_module(cfg.moe.num_experts, groups) if groups.ep_size > 1 else None
