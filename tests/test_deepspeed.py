@@ -170,3 +170,17 @@ def test_deepspeed_config_from_file_and_world_size(tmp_path: Path) -> None:
         load_config(None, ["engine.name=deepspeed", f"engine.deepspeed_config={tmp_path / 'missing.json'}"])
     with pytest.raises(ConfigError, match="engine.name is 'native'"):
         load_config(None, [f"engine.deepspeed_config={path}"])
+
+
+def test_contradicting_ds_config_is_one_line_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moe_train.cli import main
+
+    args = ["train", "data.mock=true", "engine.name=deepspeed", f"run.dir={tmp_path / 'run'}"]
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8}
+    assert main([*args, f"engine.deepspeed_config={json.dumps(ds)}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "moe-train: error: engine.deepspeed_config train_micro_batch_size_per_gpu (8) contradicts "
+        "train.micro_batch_size (4)\n"
+    )
+    assert not (tmp_path / "run").exists()

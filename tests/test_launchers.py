@@ -130,3 +130,18 @@ def test_deepspeed_sh_real_launcher_with_hostfile(tmp_path: Path) -> None:
     for got, want in zip(lines, reference, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5, abs=1e-6)
+
+
+def test_local_rank_argument(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The deepspeed launcher's --local_rank (before the subcommand) sets LOCAL_RANK, and must agree with it."""
+    from moe_train.cli import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(["--local_rank=0", "inspect"]) == 0
+    assert os.environ["LOCAL_RANK"] == "0"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    capsys.readouterr()
+    assert main(["--local_rank=0", "inspect"]) == 2
+    assert (
+        capsys.readouterr().err == "moe-train: error: --local_rank (0) differs from the environment's LOCAL_RANK (1)\n"
+    )

@@ -178,9 +178,10 @@ def import_hf(
     """Write the HF model in `hf_dir` as a moe_train checkpoint at `out_checkpoint` (with config.yaml);
     `upcycle=(num_experts, top_k)` turns a dense Qwen3 / Llama into an MoE. Returns the model's config."""
     src = Path(hf_dir)
-    cfg = config_from_hf(read_hf_config(src), upcycle)
+    hf_cfg = read_hf_config(src)
+    cfg = config_from_hf(hf_cfg, upcycle)
     hf = read_hf_tensors(src)
-    arch = read_hf_config(src)["model_type"]
+    arch = hf_cfg["model_type"]
     tensors = upcycle_tensors(hf, cfg, seed) if upcycle is not None else from_hf_tensors(hf, cfg, arch)
     model = build_model(cfg)
     load_weights(model, tensors, src)
