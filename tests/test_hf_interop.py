@@ -142,12 +142,18 @@ def test_import_transformers_checkpoint_and_train_from_it(tmp_path: Path) -> Non
     assert first["lm_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
-def test_export_then_import_round_trip(tmp_path: Path) -> None:
+def test_sharded_export_with_tokenizer_then_import_round_trip(tmp_path: Path) -> None:
     cfg = _checkpoint(tmp_path, ARCHS["olmoe"])
-    export_hf(cfg.run.dir, tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "back")
+    Path(cfg.data.dir).mkdir()
+    (Path(cfg.data.dir) / "tokenizer.json").write_text('{"version": "1.0"}')
+    result = export_hf(cfg.run.dir, tmp_path / "hf", max_shard_bytes=40_000)
+    assert len(result.files) > 1 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == '{"version": "1.0"}'
     tokens = _tokens(3)
-    assert torch.equal(_our_logits(tmp_path / "back", tokens), _our_logits(Path(cfg.run.dir), tokens))
+    ours = _our_logits(Path(cfg.run.dir), tokens)
+    assert (_hf_logits(tmp_path / "hf", tokens) - ours).abs().max() <= TOL
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    assert torch.equal(_our_logits(tmp_path / "back", tokens), ours)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
