@@ -152,7 +152,7 @@ def test_disturbed_probe_still_gives_mfu_in_range(tmp_path: Path, monkeypatch: p
 
 def test_eta_skips_warmup_and_ignores_outliers() -> None:
     eta = EtaEstimator(warmup=2, window=5)
-    assert eta.eta(100) is None
+    assert eta.eta(100) is None and eta.eta(0) == 0.0  # nothing left: done, even before any rate
     for seconds in (40.0, 9.0):  # first steps: allocation, caches
         eta.add_step(seconds)
     assert eta.eta(100) is None  # nothing but warm-up seen yet

@@ -137,7 +137,9 @@ class EtaEstimator:
         self.eval_s = seconds
 
     def eta(self, steps_left: int, evals_left: int = 0) -> float | None:
-        """Seconds until the end; None while only warm-up steps have been seen."""
+        """Seconds until the end (0 when nothing is left); None while only warm-up steps have been seen."""
+        if steps_left <= 0 and evals_left <= 0:
+            return 0.0
         if not self.recent:
             return None
         ordered = sorted(self.recent)

@@ -28,6 +28,7 @@ from moe_train.train import checkpoint as ckpt
 from moe_train.train.metrics import EtaEstimator, MetricsWriter, format_progress
 from moe_train.train.optim import build_optimizer, set_lr
 from moe_train.train.peak import MfuMeter, device_peak
+from moe_train.train.progress import ProgressBar
 from moe_train.train.schedule import lr_at, schedule_change_warning
 from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
 from moe_train.utils.logging import get_logger
@@ -82,8 +83,14 @@ class Trainer:
         self.device = _device()
         self.source = build_train_source(cfg)
         self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
-        self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
-        self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
+        self.deepspeed = cfg.engine.name == "deepspeed"
+        if self.deepspeed:  # reduction, clipping and the update run inside DeepSpeed's engine
+            from moe_train.train.deepspeed_engine import build_deepspeed
+
+            self.pmodel, self.optimizer = build_deepspeed(build_model(cfg).to(self.device), self.groups, cfg)
+        else:
+            self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
+            self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         if resume_path is not None:
             self._restore(resume_path)
@@ -147,7 +154,11 @@ class Trainer:
         step = self.state.step
         self.pmodel.train()
         batches = self.micro_batches(self.state.consumed_samples)
+        if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
+            set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
+        if self.deepspeed:
+            return self._result(reduce_step_stats(stats, self.groups, self.device), self.optimizer.grad_norm())
         if self.pmodel.reducer is not None:
             self.pmodel.reducer.finish()
         grad_norm = self._clip()
@@ -220,6 +231,7 @@ class Trainer:
         """Train until train.max_steps; returns the per-step metric records of this call."""
         t = self.cfg.train
         records: list[dict[str, Any]] = []
+        self.progress = ProgressBar(t.max_steps, self.state.step, self.cfg.log.progress_bar, self.is_main)
         try:
             if self.val_batches and t.eval_at_start and self.state.step == 0:
                 self._validate()
@@ -233,6 +245,7 @@ class Trainer:
                 self.metrics.write_step(records[-1], result.expert_counts_LE)
                 self._after_step(records[-1])
         finally:
+            self.progress.close()
             self.metrics.close()
         return records
 
@@ -254,8 +267,9 @@ class Trainer:
     def _after_step(self, record: dict[str, Any]) -> None:
         """Console progress, periodic validation and checkpoints."""
         t, step = self.cfg.train, self.state.step
+        eta = self.eta.eta(t.max_steps - step, self._evals_left(step))
+        self.progress.update(record, eta)
         if step % t.log_every == 0 or step == t.max_steps or step == 1:
-            eta = self.eta.eta(t.max_steps - step, self._evals_left(step))
             log.info(format_progress(record, t.max_steps, eta))
         if self.val_batches and self._should(t.eval_every, step):
             self._validate()
