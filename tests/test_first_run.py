@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -277,6 +279,71 @@ def test_short_vocabulary_reported_in_log_and_manifest(tmp_path: Path, caplog: p
     assert tok["vocab_note"] in caplog.text
     assert json.loads((out / "manifest.json").read_text())["tokenizer"]["vocab_note"] == tok["vocab_note"]
     assert tok["vocab_note"] in (out / "SOURCES.md").read_text()
+
+
+def test_every_data_build_input_form_is_in_the_readme(capsys: pytest.CaptureFixture[str]) -> None:
+    from moe_train.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    forms = re.findall(r"hf:NAME_OR_PATH\[#SPLIT\]|\.jsonl|\.txt", help_text)
+    assert "hf:NAME_OR_PATH[#SPLIT]" in forms
+    readme = (ROOT / "README.md").read_text()
+    assert [f for f in forms if f not in readme] == []
+
+
+# -- set-up says what it does -----------------------------------------------------------------
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python3 (`-m venv DIR` makes a fake venv) and for DIR/bin/python
+if [[ "$1" == "-m" && "$2" == "venv" ]]; then
+  mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; cp "$(dirname "$0")/pip" "$3/bin/pip"; exit 0
+fi
+[[ -f "$(dirname "$0")/../torch_installed" ]]   # `python -c "import torch"` works once pip installed it
+"""
+FAKE_PIP = """#!/usr/bin/env bash
+echo "pip $*"
+[[ "$*" == *torch==* ]] && touch "$(dirname "$0")/../torch_installed"
+exit 0
+"""
+
+
+def test_setup_says_each_phase_before_it_runs(tmp_path: Path) -> None:
+    """launch/setup.sh on a fresh checkout, with a fake python/pip that log what they are asked to do."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy(ROOT / "launch" / "setup.sh", repo / "launch")
+    shutil.copy(ROOT / "setup.py", repo)
+    shutil.copytree(ROOT / "csrc", repo / "csrc")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("python", FAKE_PYTHON), ("pip", FAKE_PIP)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake / "python")}
+    env.pop("TORCH_VERSION", None)
+
+    def setup() -> list[str]:
+        proc = subprocess.run(["bash", "launch/setup.sh"], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    lines = setup()
+    phases = [i for i, line in enumerate(lines) if line.startswith("[setup] ")]
+    said = [lines[i] for i in phases]
+    assert [s.split(" (about ")[0] for s in said] == [
+        f"[setup] creating the environment .venv with {fake / 'python'}",
+        "[setup] installing torch==2.13.0",
+        "[setup] installing moe_train with its dev tools and building the C++ extension",
+    ]
+    assert all(re.search(r"\(about \d[^)]*(s|minutes?)\)$", s) for s in said), said  # how long it usually takes
+    assert lines[phases[1] + 1] == "pip install -q torch==2.13.0"  # each line comes before its work
+    assert lines[phases[2] + 1 :] == [
+        "pip install -q setuptools>=77 wheel",
+        "pip install -q --no-build-isolation -e .[dev]",
+    ]
+    assert setup() == []  # set up already: nothing to do, nothing said
 
 
 # -- small truths -----------------------------------------------------------------------------
