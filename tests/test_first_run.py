@@ -184,6 +184,11 @@ def test_validation_of_the_initial_model(tmp_path: Path) -> None:
     assert evals[0]["val_loss"] != evals[1]["val_loss"]
     Trainer(load_config(None, [*base, f"run.dir={tmp_path / 'b'}", "train.eval_at_start=false"])).fit()
     assert [r["step"] for r in _records(tmp_path / "b") if "val_loss" in r] == [2]  # twin: switched off
+    trained = [[r[k] for k in ("loss", "grad_norm")] for r in _records(tmp_path / "a") if "loss" in r]
+    assert trained == [[r[k] for k in ("loss", "grad_norm")] for r in _records(tmp_path / "b") if "loss" in r]
+    assert (
+        evals[1] == [r for r in _records(tmp_path / "b") if "val_loss" in r][0]
+    )  # validating the init changes nothing
     resumed = load_config(None, [*base, f"run.dir={tmp_path / 'a'}", "train.max_steps=3", "checkpoint.resume=latest"])
     Trainer(resumed).fit()
     assert [r["step"] for r in _records(tmp_path / "a") if "val_loss" in r] == [0, 2, 3]  # no re-validation
@@ -353,7 +358,7 @@ def test_parameter_counts_in_readme_and_demo_config_are_true() -> None:
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml")
     counts = count_parameters(cfg.model, cfg.moe)
     total, active = f"{counts.total / 1e6:.1f}M", f"{counts.active / 1e6:.1f}M"
-    readme = (ROOT / "README.md").read_text()
+    readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"{total}-parameter MoE ({active} active)" in readme
     config_comment = (ROOT / "configs" / "tiny_cpu.yaml").read_text().splitlines()[0]
     assert f"{total}-parameter" in config_comment and "~" not in config_comment

@@ -22,6 +22,7 @@ from pathlib import Path
 from moe_train.train.peak import PEAK_CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
+README_TEXT = " ".join((ROOT / "README.md").read_text().split())
 SKIP = re.compile(r"<!-- readme-test: skip \((.+)\) -->")
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 TRAINING = ("launch/demo.sh", "moe-train train")
@@ -101,6 +102,10 @@ def test_readme_recipes_run_in_order(tmp_path: Path) -> None:
     demo = _records(repo / "runs" / "tiny_cpu")
     assert [r["step"] for r in demo if "loss" in r] == [1, 2]  # the demo, then --resume to 2
     assert [r["step"] for r in demo if "val_loss" in r] == [0, 1, 2]  # validation of the init first
+    init_figure = re.search(r"validation loss \(all domains\) goes from ([\d.]+) at the initial model", README_TEXT)
+    assert init_figure is not None
+    # the README's step-0 figure is the demo's (here on 1 validation batch per domain instead of 4)
+    assert abs(demo[0]["val_loss"]["all"] - float(init_figure.group(1))) < 0.05
     assert "LR schedule now ends" not in out  # optim.decay_steps kept the demo's schedule
     for name in ("tiny_cpu", "e16", "mine"):
         records = [r for r in _records(repo / "runs" / name) if "mfu" in r]
