@@ -26,7 +26,6 @@ from moe_train.data import (
     BuildOptions,
     DataError,
     MockSource,
-    ShardSource,
     TokenShard,
     build_dataset,
     build_train_source,
@@ -39,7 +38,6 @@ from moe_train.data.cli import add_data_parser, run_data
 from moe_train.data.demo import chitchat_source, licence_source, shakespeare_source, stdlib_source
 from moe_train.data.downloads import find_cached
 from moe_train.data.inputs import split_blank_lines
-from moe_train.data.mixture import MIXTURE_BLOCK, block_counts
 from moe_train.data.shards import ShardWriter, token_dtype
 from moe_train.data.split import split_documents
 from moe_train.data.tokenizer import load_tokenizer, split_chunks
@@ -200,62 +198,14 @@ def test_packing_megatron_style_with_eos_boundaries(built: tuple[Path, dict[str,
 
 def test_batch_labels_are_shifted_inputs(built: tuple[Path, dict[str, Path]]) -> None:
     source = build_train_source(_cfg(built[0]))
-    batch = source.get_batch(list(range(8)))
+    batch = source.batch([(d % 4, k) for d, k in enumerate(range(8))])
     assert batch.tokens_BS.shape == (8, SEQ) and batch.tokens_BS.dtype == torch.int64
-    assert batch.labels_BS.dtype == torch.int64 and batch.domain_B.dtype == torch.int64
+    assert batch.labels_BS.dtype == torch.int64 and batch.domain_B.tolist() == [0, 1, 2, 3] * 2
     torch.testing.assert_close(batch.tokens_BS[:, 1:], batch.labels_BS[:, :-1])
 
 
 def _equal(a: Any, b: Any) -> bool:
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("tokens_BS", "labels_BS", "domain_B"))
-
-
-def test_get_batch_is_pure_in_the_sample_indices(built: tuple[Path, dict[str, Path]]) -> None:
-    cfg = _cfg(built[0])
-    idx = list(range(40, 72))
-    first = build_train_source(cfg).get_batch(idx)
-    other = build_train_source(cfg)
-    other.get_batch(list(range(5000, 5100)))  # unrelated history must not matter
-    assert _equal(first, other.get_batch(idx))
-    rev = other.get_batch(idx[::-1])
-    assert _equal(first, type(first)(rev.tokens_BS.flip(0), rev.labels_BS.flip(0), rev.domain_B.flip(0)))
-    halves = [other.get_batch(idx[:16]), other.get_batch(idx[16:])]
-    assert torch.equal(first.tokens_BS, torch.cat([h.tokens_BS for h in halves]))
-    # twin: the batch does depend on the seed, so the equality above is not vacuous
-    assert not torch.equal(first.tokens_BS, build_train_source(_cfg(built[0], train__seed=12)).get_batch(idx).tokens_BS)
-
-
-def test_uniform_stratified_coverage(built: tuple[Path, dict[str, Path]]) -> None:
-    source = build_train_source(_cfg(built[0]))
-    assert isinstance(source, ShardSource)
-    num_domains = len(source.domains)
-    domains = source.get_batch(list(range(num_domains * 50))).domain_B.view(50, num_domains)
-    for block in domains:  # every block of D consecutive indices holds each domain once
-        assert sorted(block.tolist()) == list(range(num_domains))
-    assert domains.flatten().tolist() != list(range(num_domains)) * 50  # but in a shuffled order
-
-
-def test_within_domain_draws_are_without_replacement(built: tuple[Path, dict[str, Path]]) -> None:
-    source = build_train_source(_cfg(built[0]))
-    assert isinstance(source, ShardSource)
-    for order in source.orders:
-        n = order.num_samples
-        epoch0 = [order.sample_id(k) for k in range(n)]
-        epoch1 = [order.sample_id(k) for k in range(n, 2 * n)]
-        assert sorted(epoch0) == list(range(n)) == sorted(epoch1)
-        assert epoch0 != epoch1 or n < 3
-
-
-def test_domain_weights_and_subset(built: tuple[Path, dict[str, Path]]) -> None:
-    assert block_counts(2, [3.0, 1.0]).tolist() == [768, 256]
-    assert block_counts(3, [1.0, 1.0, 1.0]).sum() == MIXTURE_BLOCK
-    cfg = _cfg(built[0], data__domains=["gamma", "beta"], data__domain_weights=[3.0, 1.0])
-    source = build_train_source(cfg)
-    assert source.domains == ["gamma", "beta"]
-    counts = torch.bincount(source.get_batch(list(range(MIXTURE_BLOCK))).domain_B, minlength=2)
-    assert counts.tolist() == [768, 256]
-    only = build_train_source(_cfg(built[0], data__domains=["beta"])).get_batch(list(range(10)))
-    assert only.domain_B.tolist() == [0] * 10
 
 
 def test_mock_source_is_deterministic(tmp_path: Path) -> None:

@@ -86,3 +86,12 @@ class EpochOrder:
         """Packed sample id of draw k."""
         epoch, j = divmod(k, self.num_samples)
         return int(self._perm(epoch)[j])
+
+    def sample_ids(self, draws: np.ndarray) -> np.ndarray:
+        """Packed sample ids of an array of draws (vectorised sample_id)."""
+        epochs, js = np.divmod(np.asarray(draws, dtype=np.int64), self.num_samples)
+        out = np.empty(len(js), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            out[where] = self._perm(int(epoch))[js[where]]
+        return out

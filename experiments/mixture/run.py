@@ -1,0 +1,178 @@
+"""Stratified sampling vs online mixture policies (DoReMi, ODM, Aioli) at an equal token budget.
+
+Every run trains the same small MoE on the built-in four-domain corpus (rebuilt with a 2048-entry
+BPE so the model is cheap) for the same number of steps and global batch (equal tokens; Aioli's
+probe steps are training steps and count in the budget, its extra validation passes do not). The
+DoReMi reference of a seed is the stratified run of that seed (its last validation losses).
+
+    .venv/bin/python experiments/mixture/run.py --work /tmp/mixture            # all runs, then plots
+    .venv/bin/python experiments/mixture/run.py --work /tmp/mixture --plot-only
+
+Results: <work>/results.json, and PNGs + a markdown table in experiments/mixture/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEEDS = (1, 2)
+POLICIES = ("stratified", "doremi", "odm", "aioli")
+MODEL = [
+    "model.vocab_size=2048",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.head_dim=16",
+    "model.ffn_hidden_size=128",
+    "moe.num_experts=4",
+    "moe.top_k=2",
+    "moe.expert_ffn_hidden_size=64",
+    "train.max_steps=600",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=16",
+    "train.seq_len=128",
+    "train.eval_every=150",
+    "train.eval_batches=2",
+    "train.log_every=50",
+    "optim.warmup_steps=30",
+    "checkpoint.every=0",
+    "log.tensorboard=false",
+]
+POLICY_ARGS = {
+    "stratified": ["data.mixture.policy=static"],
+    "doremi": ["data.mixture.policy=doremi", "data.mixture.update_every=10", "data.mixture.min_weight=0.05"],
+    "odm": ["data.mixture.policy=odm", "data.mixture.update_every=10", "data.mixture.min_weight=0.05"],
+    "aioli": [
+        "data.mixture.policy=aioli",
+        "data.mixture.update_every=50",
+        "data.mixture.aioli.probe_steps=2",
+        "data.mixture.min_weight=0.05",
+    ],
+}
+
+
+def _cli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "moe_train.cli", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=os.environ.copy())
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_all(work: Path) -> dict:
+    data = work / "data"
+    if not (data / "manifest.json").is_file():
+        _cli("data", "build", "--out", str(data), "--vocab-size", "2048")
+    results: dict = {}
+    for seed in SEEDS:
+        for policy in POLICIES:
+            run_dir = work / f"{policy}_seed{seed}"
+            args = [*MODEL, *POLICY_ARGS[policy], f"data.dir={data}", f"run.dir={run_dir}", f"train.seed={seed}"]
+            if policy == "doremi":
+                args.append(f"data.mixture.doremi.reference={work / f'stratified_seed{seed}' / 'metrics.jsonl'}")
+            if not (run_dir / "metrics.jsonl").is_file() or "val_loss" not in _records(run_dir)[-1]:
+                start = time.time()
+                _cli("train", *args)
+                print(f"{policy} seed {seed}: {time.time() - start:.0f} s", flush=True)
+            results[f"{policy}_seed{seed}"] = summarize(run_dir)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def summarize(run_dir: Path) -> dict:
+    records = _records(run_dir)
+    train = [r for r in records if "lm_loss" in r]
+    return {
+        "val": [r for r in records if "val_loss" in r],
+        "weights": [[r["step"], r.get("mixture_target", {})] for r in train],
+        "seconds": sum(r["step_time_s"] for r in train),
+        "tokens": train[-1]["tokens"],
+    }
+
+
+def table(results: dict) -> str:
+    import numpy as np
+
+    domains = [d for d in results[f"stratified_seed{SEEDS[0]}"]["val"][-1]["val_loss"] if d != "all"]
+    lines = ["| policy | " + " | ".join(domains) + " | average | train s |", "|---" * (len(domains) + 3) + "|"]
+    for policy in POLICIES:
+        runs = [results[f"{policy}_seed{s}"] for s in SEEDS]
+        finals = [r["val"][-1]["val_loss"] for r in runs]
+        cells = []
+        for key in [*domains, "all"]:
+            vals = [f[key] for f in finals]
+            cells.append(f"{np.mean(vals):.3f} ({', '.join(f'{v:.3f}' for v in vals)})")
+        secs = np.mean([r["seconds"] for r in runs])
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    online = [p for p in POLICIES if p != "stratified"]
+    fig, axes = plt.subplots(len(SEEDS), len(online), figsize=(4 * len(online), 3 * len(SEEDS)), squeeze=False)
+    for row, seed in enumerate(SEEDS):
+        for col, policy in enumerate(online):
+            ax = axes[row][col]
+            weights = results[f"{policy}_seed{seed}"]["weights"]
+            steps = [w[0] for w in weights]
+            for domain in weights[0][1]:
+                ax.plot(steps, [w[1][domain] for w in weights], label=domain, lw=0.8)
+            ax.set_title(f"{policy}, seed {seed}")
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("step")
+    axes[0][0].set_ylabel("target weight of the batch")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "weights.png", dpi=110)
+    plt.close(fig)
+
+    domains = [d for d in results[f"stratified_seed{SEEDS[0]}"]["val"][-1]["val_loss"]]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(POLICIES)
+    base = {d: np.mean([results[f"stratified_seed{s}"]["val"][-1]["val_loss"][d] for s in SEEDS]) for d in domains}
+    for i, policy in enumerate(POLICIES):
+        for seed_i, seed in enumerate(SEEDS):
+            final = results[f"{policy}_seed{seed}"]["val"][-1]["val_loss"]
+            x = np.arange(len(domains)) + i * width - 0.4 + width / 2
+            ax.scatter(
+                x, [final[d] - base[d] for d in domains], s=14, color=f"C{i}", label=policy if seed_i == 0 else None
+            )
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(np.arange(len(domains)), domains)
+    ax.set_ylabel("final val loss − stratified mean")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/moe_train_mixture", help="data and run directories")
+    parser.add_argument("--plot-only", action="store_true", help="read <work>/results.json and plot")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads((work / "results.json").read_text()) if args.plot_only else run_all(work)
+    plot(results, HERE)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
