@@ -21,8 +21,8 @@ import torch
 from moe_train.config import Config
 from moe_train.data.errors import DataError
 from moe_train.data.manifest import read_manifest
-from moe_train.data.shards import TokenShard
-from moe_train.data.validate import open_shard, selected_domains
+from moe_train.data.shards import TokenStream
+from moe_train.data.validate import open_split, selected_domains
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class TrainSource(ABC):
 class ShardSource(TrainSource):
     """Packed samples of per-domain token shards."""
 
-    def __init__(self, shards: list[TokenShard], domains: list[str], seq_len: int):
+    def __init__(self, shards: list[TokenStream], domains: list[str], seq_len: int):
         self.domains = domains
         self.seq_len = seq_len
         self.shards = shards
@@ -131,8 +131,9 @@ def build_train_source(cfg: Config) -> TrainSource:
     if cfg.data.mock:
         return MockSource(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
     root = Path(cfg.data.dir)
-    domains = selected_domains(cfg, read_manifest(root))
-    shards = [open_shard(root, d, "train") for d in domains]
+    manifest = read_manifest(root)
+    domains = selected_domains(cfg, manifest)
+    shards = [open_split(root, manifest, d, "train") for d in domains]
     return ShardSource(shards, domains, cfg.train.seq_len)
 
 
@@ -143,11 +144,11 @@ def val_sample_ids(num_samples: int, needed: int) -> list[int]:
     return [j % num_samples for j in range(needed)]
 
 
-def _val_batches_for(shard: TokenShard, domain: str, d: int, cfg: Config) -> list[Batch]:
+def _val_batches_for(shard: TokenStream, domain: str, d: int, cfg: Config) -> list[Batch]:
     seq_len, mbs = cfg.train.seq_len, cfg.train.micro_batch_size
     n = shard.num_samples(seq_len)
     if n < 1:
-        raise DataError(f"domain '{domain}' has fewer than seq_len + 1 ({seq_len + 1}) val tokens in {shard.path}")
+        raise DataError(f"domain '{domain}' has fewer than seq_len + 1 ({seq_len + 1}) val tokens")
     needed = cfg.train.eval_batches * mbs
     if n < needed:
         log.warning("domain '%s': %d val samples < %d wanted; repeating them", domain, n, needed)
@@ -165,5 +166,8 @@ def build_val_batches(cfg: Config) -> dict[str, list[Batch]]:
         mock = MockSource(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, stream=MOCK_VAL_STREAM)
         return {"mock": [mock.get_batch(range(j * mbs, (j + 1) * mbs)) for j in range(cfg.train.eval_batches)]}
     root = Path(cfg.data.dir)
-    domains = selected_domains(cfg, read_manifest(root))
-    return {name: _val_batches_for(open_shard(root, name, "val"), name, d, cfg) for d, name in enumerate(domains)}
+    manifest = read_manifest(root)
+    domains = selected_domains(cfg, manifest)
+    return {
+        name: _val_batches_for(open_split(root, manifest, name, "val"), name, d, cfg) for d, name in enumerate(domains)
+    }
