@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from distributed import run_distributed
 
+from moe_train.cli import main
 from moe_train.config import ConfigError, DataMixtureConfig, load_config
 from moe_train.data import BuildOptions, DataError, build_dataset, input_source
 from moe_train.data.loader import TrainData
@@ -378,6 +380,25 @@ def test_aioli_resume_mid_round_continues_the_same_ledger(corpus: Path, tmp_path
     got, want = _ledger(run_dir), _ledger(tmp_path / "full")
     assert got == want and len(want) == 72
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 10))
-    probe = max(metrics[0]["mixture_target"].values())
+    train = [m for m in metrics if "lm_loss" in m]
+    assert [m["step"] for m in train] == list(range(1, 10))
+    probe = max(train[0]["mixture_target"].values())
     assert probe == pytest.approx(0.5)  # step 1 trains on a probe mixture (one_hot 0.5 of 3 domains)
+    assert main(["inspect", str(run_dir)]) == 0
+    assert (run_dir / "mixture.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_policy_inputs_fail_before_anything_is_written(corpus: Path, tmp_path: Path) -> None:
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"alpha": 2.0, "beta": 2.0}))
+    cases = [
+        (["data.mixture.policy=doremi", f"data.mixture.doremi.reference={ref}"], "no loss for domain(s) gamma"),
+        (["data.mixture.policy=doremi", f"data.mixture.doremi.reference={tmp_path / 'no.json'}"], "does not exist"),
+        (["data.mixture.policy=schedule", "data.mixture.schedule=[[0, 1, 1]]"], "2 weights for 3 domains"),
+        (["data.mixture.policy=aioli", "data.mixture.update_every=3"], "must be < data.mixture.update_every"),
+    ]
+    for extra, words in cases:
+        run_dir = tmp_path / "run"
+        with pytest.raises(DataError, match=re.escape(words)):
+            Trainer(_cfg(corpus, run_dir, *extra))
+        assert not run_dir.exists()

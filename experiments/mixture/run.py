@@ -69,13 +69,13 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_all(work: Path) -> dict:
+def run_all(work: Path, policies: tuple[str, ...]) -> dict:
     data = work / "data"
     if not (data / "manifest.json").is_file():
         _cli("data", "build", "--out", str(data), "--vocab-size", "2048")
-    results: dict = {}
+    results: dict = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
     for seed in SEEDS:
-        for policy in POLICIES:
+        for policy in policies:
             run_dir = work / f"{policy}_seed{seed}"
             args = [*MODEL, *POLICY_ARGS[policy], f"data.dir={data}", f"run.dir={run_dir}", f"train.seed={seed}"]
             if policy == "doremi":
@@ -85,7 +85,7 @@ def run_all(work: Path) -> dict:
                 _cli("train", *args)
                 print(f"{policy} seed {seed}: {time.time() - start:.0f} s", flush=True)
             results[f"{policy}_seed{seed}"] = summarize(run_dir)
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+            (work / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -105,7 +105,7 @@ def table(results: dict) -> str:
 
     domains = [d for d in results[f"stratified_seed{SEEDS[0]}"]["val"][-1]["val_loss"] if d != "all"]
     lines = ["| policy | " + " | ".join(domains) + " | average | train s |", "|---" * (len(domains) + 3) + "|"]
-    for policy in POLICIES:
+    for policy in [p for p in POLICIES if all(f"{p}_seed{s}" in results for s in SEEDS)]:
         runs = [results[f"{policy}_seed{s}"] for s in SEEDS]
         finals = [r["val"][-1]["val_loss"] for r in runs]
         cells = []
@@ -124,7 +124,8 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    online = [p for p in POLICIES if p != "stratified"]
+    done = [p for p in POLICIES if all(f"{p}_seed{s}" in results for s in SEEDS)]
+    online = [p for p in done if p != "stratified"]
     fig, axes = plt.subplots(len(SEEDS), len(online), figsize=(4 * len(online), 3 * len(SEEDS)), squeeze=False)
     for row, seed in enumerate(SEEDS):
         for col, policy in enumerate(online):
@@ -144,9 +145,9 @@ def plot(results: dict, out: Path) -> None:
 
     domains = [d for d in results[f"stratified_seed{SEEDS[0]}"]["val"][-1]["val_loss"]]
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    width = 0.8 / len(POLICIES)
+    width = 0.8 / len(done)
     base = {d: np.mean([results[f"stratified_seed{s}"]["val"][-1]["val_loss"][d] for s in SEEDS]) for d in domains}
-    for i, policy in enumerate(POLICIES):
+    for i, policy in enumerate(done):
         for seed_i, seed in enumerate(SEEDS):
             final = results[f"{policy}_seed{seed}"]["val"][-1]["val_loss"]
             x = np.arange(len(domains)) + i * width - 0.4 + width / 2
@@ -166,10 +167,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/moe_train_mixture", help="data and run directories")
     parser.add_argument("--plot-only", action="store_true", help="read <work>/results.json and plot")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset to run")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = json.loads((work / "results.json").read_text()) if args.plot_only else run_all(work)
+    policies = tuple(args.policies.split(","))
+    results = json.loads((work / "results.json").read_text()) if args.plot_only else run_all(work, policies)
     plot(results, HERE)
     print(table(results))
 

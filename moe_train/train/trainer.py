@@ -78,12 +78,12 @@ class Trainer:
         self.groups = groups or ProcessGroups.single()
         validate_layout(cfg, self.groups.world_size)
         validate_data(cfg)
+        self.data = TrainData(cfg, self.groups.dp_rank, self.groups.dp_size)  # may raise: before run.dir exists
         resume_path = ckpt.resolve_resume(cfg.run.dir, cfg.checkpoint.resume)
         self.cfg = cfg
         self.is_main = self.groups.rank == 0
         self.run_dir = prepare_run_dir(cfg)
         self.device = _device()
-        self.data = TrainData(cfg, self.groups.dp_rank, self.groups.dp_size)
         self.source = self.data.source
         needs_val = cfg.train.eval_every > 0 or data_hooks.needs_validation(cfg)
         self.val_batches = build_val_batches(cfg) if needs_val else {}
