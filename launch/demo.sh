@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-[[ -f data_cache/demo/manifest.json ]] || .venv/bin/moe-train data build --out data_cache/demo
+grep -qs '"moe_train.data/2"' data_cache/demo/manifest.json || .venv/bin/moe-train data build --out data_cache/demo --force
 exec .venv/bin/moe-train train --config configs/tiny_cpu.yaml "$@"
