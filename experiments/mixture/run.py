@@ -6,6 +6,7 @@ probe steps are training steps and count in the budget, its extra validation pas
 DoReMi reference of a seed is the stratified run of that seed (its last validation losses).
 
     .venv/bin/python experiments/mixture/run.py --work /tmp/mixture            # all runs, then plots
+    .venv/bin/python experiments/mixture/run.py --work /tmp/mixture --policies odm --seeds 2   # one run
     .venv/bin/python experiments/mixture/run.py --work /tmp/mixture --plot-only
 
 Results: <work>/results.json, and PNGs + a markdown table in experiments/mixture/.
@@ -35,7 +36,7 @@ MODEL = [
     "moe.num_experts=4",
     "moe.top_k=2",
     "moe.expert_ffn_hidden_size=64",
-    "train.max_steps=300",
+    "train.max_steps=200",
     "train.global_batch_size=16",
     "train.micro_batch_size=16",
     "train.seq_len=128",
@@ -52,7 +53,7 @@ POLICY_ARGS = {
     "odm": ["data.mixture.policy=odm", "data.mixture.update_every=10", "data.mixture.min_weight=0.05"],
     "aioli": [
         "data.mixture.policy=aioli",
-        "data.mixture.update_every=50",
+        "data.mixture.update_every=40",
         "data.mixture.aioli.probe_steps=2",
         "data.mixture.min_weight=0.05",
     ],
@@ -69,23 +70,26 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_all(work: Path, policies: tuple[str, ...]) -> dict:
+def run_one(work: Path, policy: str, seed: int) -> None:
+    """One training run (skipped when finished); its summary goes to <run_dir>/summary.json."""
     data = work / "data"
-    if not (data / "manifest.json").is_file():
-        _cli("data", "build", "--out", str(data), "--vocab-size", "2048")
-    results: dict = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
-    for seed in SEEDS:
-        for policy in policies:
-            run_dir = work / f"{policy}_seed{seed}"
-            args = [*MODEL, *POLICY_ARGS[policy], f"data.dir={data}", f"run.dir={run_dir}", f"train.seed={seed}"]
-            if policy == "doremi":
-                args.append(f"data.mixture.doremi.reference={work / f'stratified_seed{seed}' / 'metrics.jsonl'}")
-            if not (run_dir / "metrics.jsonl").is_file() or "val_loss" not in _records(run_dir)[-1]:
-                start = time.time()
-                _cli("train", *args)
-                print(f"{policy} seed {seed}: {time.time() - start:.0f} s", flush=True)
-            results[f"{policy}_seed{seed}"] = summarize(run_dir)
-            (work / "results.json").write_text(json.dumps(results, indent=1))
+    run_dir = work / f"{policy}_seed{seed}"
+    args = [*MODEL, *POLICY_ARGS[policy], f"data.dir={data}", f"run.dir={run_dir}", f"train.seed={seed}"]
+    if policy == "doremi":
+        args.append(f"data.mixture.doremi.reference={work / f'stratified_seed{seed}' / 'metrics.jsonl'}")
+    if not (run_dir / "summary.json").is_file():
+        start = time.time()
+        _cli("train", *args)
+        print(f"{policy} seed {seed}: {time.time() - start:.0f} s", flush=True)
+        (run_dir / "summary.json").write_text(json.dumps(summarize(run_dir) | {"wall_s": time.time() - start}))
+
+
+def collect(work: Path) -> dict:
+    """{policy_seedN: summary} of every finished run."""
+    results = {}
+    for path in sorted(work.glob("*_seed*/summary.json")):
+        results[path.parent.name] = json.loads(path.read_text())
+    (work / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -166,13 +170,19 @@ def plot(results: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/moe_train_mixture", help="data and run directories")
-    parser.add_argument("--plot-only", action="store_true", help="read <work>/results.json and plot")
+    parser.add_argument("--plot-only", action="store_true", help="collect finished runs and plot")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset to run")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds to run")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    policies = tuple(args.policies.split(","))
-    results = json.loads((work / "results.json").read_text()) if args.plot_only else run_all(work, policies)
+    if not args.plot_only:
+        if not (work / "data" / "manifest.json").is_file():
+            _cli("data", "build", "--out", str(work / "data"), "--vocab-size", "2048")
+        for seed in map(int, args.seeds.split(",")):
+            for policy in args.policies.split(","):
+                run_one(work, policy, seed)
+    results = collect(work)
     plot(results, HERE)
     print(table(results))
 
