@@ -8,9 +8,9 @@ and `moe-train data build` throughput and peak memory on a corpus >= 10x the dem
 2. Build: the demo sources without the byte cap are written as jsonl and cycled until the corpus has
    >= `--scale` x the demo's 20 MB of text; `moe-train data build` (given the demo tokenizer, so only
    streaming + tokenisation + shard writing are timed) runs on 1/4 of it and on all of it, with
-   `--workers` processes. Peak RSS is the largest process's (the builder's or a worker's), from
-   getrusage of the children. The peer is the bare tokenizer: encode_batch on 16 MB of the same text
-   in memory (its ceiling on this machine).
+   `--workers` processes and `--shard-mb` shards. Peak RSS of the builder process and of its largest
+   worker come from getrusage inside the build's own process. The peer is the bare tokenizer:
+   encode_batch on 8 MB of the same text in memory, measured just before and just after each build.
 
     .venv/bin/python benchmarks/data.py                        # both parts
     .venv/bin/python benchmarks/data.py --skip-build --reps 5  # loader only
@@ -138,20 +138,31 @@ def _quarter(corpus: Path, work: Path) -> Path:
     return out
 
 
-def _build(corpus: Path, out: Path, tokenizer: Path, workers: int) -> tuple[float, float]:
-    """(seconds, peak RSS MiB of the largest process) of one build."""
+_MEASURE = (
+    "import json, resource, sys\n"
+    "from moe_train.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "rss = [resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]\n"
+    "sys.stderr.write('PEAK ' + json.dumps(rss) + '\\n')\n"
+    "sys.exit(rc)\n"
+)
+
+
+def _build(corpus: Path, out: Path, tokenizer: Path, workers: int, shard_mb: float) -> tuple[float, float, float]:
+    """(seconds, peak RSS MiB of the builder process, of its largest worker) of one build."""
     shutil.rmtree(out, ignore_errors=True)
     inputs = [arg for p in sorted(corpus.glob("*.jsonl")) for arg in ("--input", f"{p.stem}={p}")]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    seconds = _cli(
-        "data", "build", "--out", str(out), *inputs, "--tokenizer", str(tokenizer), "--max-bytes", "0",
-        "--workers", str(workers),
-    )  # fmt: skip
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, max(peak, before) / 1024
+    args = ["data", "build", "--out", str(out), *inputs, "--tokenizer", str(tokenizer), "--max-bytes", "0"]
+    args += ["--workers", str(workers), "--shard-mb", str(shard_mb)]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *args], check=True, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("PEAK "))
+    own, children = json.loads(line[5:])
+    return seconds, own / 1024, children / 1024
 
 
-def bench_tokenizer(corpus: Path, tokenizer: Path, nbytes: int = 16_000_000) -> float:
+def bench_tokenizer(corpus: Path, tokenizer: Path, nbytes: int = 8_000_000) -> float:
     """MB/s of bare encode_batch on nbytes of the corpus text, in memory."""
     from moe_train.data.tokenizer import encode_documents, load_tokenizer
 
@@ -170,25 +181,27 @@ def bench_tokenizer(corpus: Path, tokenizer: Path, nbytes: int = 16_000_000) -> 
     return size / 1e6 / (time.perf_counter() - start)
 
 
-def bench_build(work: Path, tokenizer: Path, scale: int, workers: int) -> dict:
+def bench_build(work: Path, tokenizer: Path, scale: int, workers: int, shard_mb: float) -> dict:
     corpus, total = make_corpus(work, scale)
     quarter = _quarter(corpus, work)
     quarter_bytes = sum(p.stat().st_size for p in quarter.glob("*.jsonl"))
-    q_seconds, q_peak = _build(quarter, work / "built_quarter", tokenizer, workers)
-    seconds, peak = _build(corpus, work / "built_full", tokenizer, workers)
-    shards = json.loads((work / "built_full" / "manifest.json").read_text())["domains"]
-    return {
-        "corpus_mb": total / 1e6,
-        "build_mb_per_s": total / 1e6 / seconds,
-        "build_seconds": seconds,
-        "peak_rss_mib": peak,
-        "quarter_corpus_mb": quarter_bytes / 1e6,
-        "quarter_mb_per_s": quarter_bytes / 1e6 / q_seconds,
-        "quarter_peak_rss_mib": q_peak,
-        "shards": {name: len(d["train"]["shards"]) for name, d in shards.items()},
-        "tokenizer_mb_per_s": bench_tokenizer(corpus, tokenizer),
-        "workers": workers,
-    }
+    results: dict = {"corpus_mb": total / 1e6, "quarter_corpus_mb": quarter_bytes / 1e6, "workers": workers}
+    peers = [bench_tokenizer(corpus, tokenizer)]
+    for name, src, size in (("quarter", quarter, quarter_bytes), ("full", corpus, total)):
+        seconds, own, worker = _build(src, work / f"built_{name}", tokenizer, workers, shard_mb)
+        peers.append(bench_tokenizer(corpus, tokenizer))
+        peer = (peers[-2] + peers[-1]) / 2  # the bare tokenizer measured just before and just after
+        results[name] = {
+            "mb_per_s": size / 1e6 / seconds,
+            "seconds": seconds,
+            "peak_rss_builder_mib": own,
+            "peak_rss_worker_mib": worker,
+            "bare_tokenizer_mb_per_s": peer,
+            "ratio_vs_bare_tokenizer": size / 1e6 / seconds / peer,
+        }
+    manifest = json.loads((work / "built_full" / "manifest.json").read_text())["domains"]
+    results["shards_per_domain"] = {name: len(d["train"]["shards"]) for name, d in manifest.items()}
+    return results
 
 
 def main() -> None:
@@ -199,7 +212,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps per trainer repetition")
     parser.add_argument("--scale", type=int, default=10, help="corpus size in units of the demo's 20 MB")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shard-mb", type=float, default=16, help="shard size of the build (several per domain)")
     parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     work = Path(args.work)
@@ -207,9 +222,11 @@ def main() -> None:
     demo = work / "demo"
     if not (demo / "manifest.json").is_file():
         _cli("data", "build", "--out", str(demo))
-    results = {"machine": _machine(), "loader": bench_loader(demo, work, args.reps, args.batches, args.steps)}
+    results: dict = {"machine": _machine()}
+    if not args.skip_loader:
+        results["loader"] = bench_loader(demo, work, args.reps, args.batches, args.steps)
     if not args.skip_build:
-        results["build"] = bench_build(work, demo / "tokenizer.json", args.scale, args.workers)
+        results["build"] = bench_build(work, demo / "tokenizer.json", args.scale, args.workers, args.shard_mb)
     results["machine_after"] = _machine()
     print(json.dumps(results, indent=1))
     if args.json:
