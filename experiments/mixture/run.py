@@ -85,16 +85,28 @@ def run_one(work: Path, policy: str, seed: int) -> None:
 
 
 def collect(work: Path) -> dict:
-    """{policy_seedN: summary} of every finished run."""
+    """{policy_seedN: summary} of every run directory (finished or still running)."""
     results = {}
-    for path in sorted(work.glob("*_seed*/summary.json")):
-        results[path.parent.name] = json.loads(path.read_text())
+    for run_dir in sorted(work.glob("*_seed*")):
+        if (run_dir / "metrics.jsonl").is_file():
+            results[run_dir.name] = summarize(run_dir)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
+def val_at(run: dict, step: int | None) -> dict | None:
+    """The validation losses of a run at `step` (None: its last validation)."""
+    vals = [v for v in run["val"] if step is None or v["step"] == step]
+    return vals[-1]["val_loss"] if vals else None
+
+
 def summarize(run_dir: Path) -> dict:
-    records = _records(run_dir)
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
     train = [r for r in records if "lm_loss" in r]
     return {
         "val": [r for r in records if "val_loss" in r],
@@ -104,37 +116,42 @@ def summarize(run_dir: Path) -> dict:
     }
 
 
-def table(results: dict) -> str:
+def _complete(results: dict, step: int | None) -> list[str]:
+    return [p for p in POLICIES if all(val_at(results.get(f"{p}_seed{s}", {"val": []}), step) for s in SEEDS)]
+
+
+def table(results: dict, step: int | None) -> str:
     import numpy as np
 
-    domains = [d for d in results[f"stratified_seed{SEEDS[0]}"]["val"][-1]["val_loss"] if d != "all"]
-    lines = ["| policy | " + " | ".join(domains) + " | average | train s |", "|---" * (len(domains) + 3) + "|"]
-    for policy in [p for p in POLICIES if all(f"{p}_seed{s}" in results for s in SEEDS)]:
-        runs = [results[f"{policy}_seed{s}"] for s in SEEDS]
-        finals = [r["val"][-1]["val_loss"] for r in runs]
+    policies = _complete(results, step)
+    first = val_at(results[f"{policies[0]}_seed{SEEDS[0]}"], step)
+    assert first is not None
+    domains = [d for d in first if d != "all"]
+    lines = ["| policy | " + " | ".join(domains) + " | average |", "|---" * (len(domains) + 2) + "|"]
+    for policy in policies:
+        finals = [val_at(results[f"{policy}_seed{s}"], step) for s in SEEDS]
         cells = []
         for key in [*domains, "all"]:
-            vals = [f[key] for f in finals]
+            vals = [f[key] for f in finals if f is not None]
             cells.append(f"{np.mean(vals):.3f} ({', '.join(f'{v:.3f}' for v in vals)})")
-        secs = np.mean([r["seconds"] for r in runs])
-        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {secs:.0f} |")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict, out: Path) -> None:
+def plot(results: dict, out: Path, step: int | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    done = [p for p in POLICIES if all(f"{p}_seed{s}" in results for s in SEEDS)]
+    done = _complete(results, step)
     online = [p for p in done if p != "stratified"]
     fig, axes = plt.subplots(len(SEEDS), len(online), figsize=(4 * len(online), 3 * len(SEEDS)), squeeze=False)
     for row, seed in enumerate(SEEDS):
         for col, policy in enumerate(online):
             ax = axes[row][col]
-            weights = results[f"{policy}_seed{seed}"]["weights"]
+            weights = [w for w in results[f"{policy}_seed{seed}"]["weights"] if step is None or w[0] <= step]
             steps = [w[0] for w in weights]
             for domain in weights[0][1]:
                 ax.plot(steps, [w[1][domain] for w in weights], label=domain, lw=0.8)
@@ -147,20 +164,23 @@ def plot(results: dict, out: Path) -> None:
     fig.savefig(out / "weights.png", dpi=110)
     plt.close(fig)
 
-    domains = [d for d in results[f"stratified_seed{SEEDS[0]}"]["val"][-1]["val_loss"]]
+    first = val_at(results[f"stratified_seed{SEEDS[0]}"], step)
+    assert first is not None
+    domains = list(first)
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / len(done)
-    base = {d: np.mean([results[f"stratified_seed{s}"]["val"][-1]["val_loss"][d] for s in SEEDS]) for d in domains}
+    base = {d: np.mean([val_at(results[f"stratified_seed{s}"], step)[d] for s in SEEDS]) for d in domains}  # type: ignore[index]
     for i, policy in enumerate(done):
         for seed_i, seed in enumerate(SEEDS):
-            final = results[f"{policy}_seed{seed}"]["val"][-1]["val_loss"]
+            final = val_at(results[f"{policy}_seed{seed}"], step)
+            assert final is not None
             x = np.arange(len(domains)) + i * width - 0.4 + width / 2
             ax.scatter(
                 x, [final[d] - base[d] for d in domains], s=14, color=f"C{i}", label=policy if seed_i == 0 else None
             )
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(np.arange(len(domains)), domains)
-    ax.set_ylabel("final val loss − stratified mean")
+    ax.set_ylabel(f"val loss at step {step} − stratified mean")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out / "val_loss.png", dpi=110)
@@ -173,6 +193,7 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true", help="collect finished runs and plot")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset to run")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds to run")
+    parser.add_argument("--at-step", type=int, default=None, help="compare validation at this step (default: last)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -183,8 +204,8 @@ def main() -> None:
             for policy in args.policies.split(","):
                 run_one(work, policy, seed)
     results = collect(work)
-    plot(results, HERE)
-    print(table(results))
+    plot(results, HERE, args.at_step)
+    print(table(results, args.at_step))
 
 
 if __name__ == "__main__":
