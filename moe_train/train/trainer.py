@@ -31,6 +31,7 @@ from moe_train.train import checkpoint as ckpt
 from moe_train.train import data_hooks
 from moe_train.train.metrics import MetricsWriter, format_progress, peak_flops
 from moe_train.train.optim import build_optimizer, set_lr
+from moe_train.train.progress import ProgressBar
 from moe_train.train.schedule import lr_at
 from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
 from moe_train.utils.logging import get_logger
@@ -87,8 +88,14 @@ class Trainer:
         self.source = self.data.source
         needs_val = cfg.train.eval_every > 0 or data_hooks.needs_validation(cfg)
         self.val_batches = build_val_batches(cfg) if needs_val else {}
-        self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
-        self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
+        self.deepspeed = cfg.engine.name == "deepspeed"
+        if self.deepspeed:  # reduction, clipping and the update run inside DeepSpeed's engine
+            from moe_train.train.deepspeed_engine import build_deepspeed
+
+            self.pmodel, self.optimizer = build_deepspeed(build_model(cfg).to(self.device), self.groups, cfg)
+        else:
+            self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
+            self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         self._data_state: dict[str, Any] | None = None
         if resume_path is not None:
@@ -148,7 +155,13 @@ class Trainer:
         step = self.state.step
         self.pmodel.train()
         batches = self.micro_batches(self.state.consumed_samples)
+        if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
+            set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
+        if self.deepspeed:
+            result = self._result(reduce_step_stats(stats, self.groups, self.device), self.optimizer.grad_norm())
+            data_hooks.observe_step(self, step, stats)
+            return result
         if self.pmodel.reducer is not None:
             self.pmodel.reducer.finish()
         grad_norm = self._clip()
@@ -224,6 +237,7 @@ class Trainer:
         t = self.cfg.train
         records: list[dict[str, Any]] = []
         times: list[float] = []
+        self.progress = ProgressBar(t.max_steps, self.state.step, self.cfg.log.progress_bar, self.is_main)
         try:
             data_hooks.maybe_evaluate(self)
             while self.state.step < t.max_steps:
@@ -235,6 +249,7 @@ class Trainer:
                 self.metrics.write_step(records[-1], result.expert_counts_LE)
                 self._after_step(records[-1], times)
         finally:
+            self.progress.close()
             self.metrics.close()
             self.data.close()
         return records
@@ -242,8 +257,9 @@ class Trainer:
     def _after_step(self, record: dict[str, Any], times: list[float]) -> None:
         """Console progress, periodic validation and checkpoints."""
         t, step = self.cfg.train, self.state.step
+        eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
+        self.progress.update(record, eta)
         if step % t.log_every == 0 or step == t.max_steps or step == 1:
-            eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
             log.info(format_progress(record, t.max_steps, eta))
         if self.val_batches and self._should(t.eval_every, step):
             losses = self.evaluate()
