@@ -10,6 +10,7 @@ import math
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,14 @@ from moe_train.cli import main
 from moe_train.config import ConfigError, DataMixtureConfig, load_config
 from moe_train.data import BuildOptions, DataError, build_dataset, input_source
 from moe_train.data.loader import TrainData
-from moe_train.data.policies import AioliPolicy, DoReMiPolicy, ODMPolicy, SchedulePolicy, floor_weights
+from moe_train.data.policies import (
+    AioliPolicy,
+    DoReMiPolicy,
+    ODMPolicy,
+    SchedulePolicy,
+    floor_weights,
+    read_reference_losses,
+)
 from moe_train.data.sampler import MixtureSampler, batch_counts
 from moe_train.parallel.groups import build_process_groups
 from moe_train.train.trainer import Trainer
@@ -151,6 +159,18 @@ def test_doremi_update_matches_hand_computed(tmp_path: Path) -> None:
     policy.observe(0, np.array([6.0, 4.0]), np.array([2.0, 2.0]))  # mean losses 3.0 and 2.0
     # excess = max(L - ref, 0) = [1, 0]; alpha' = 0.5 e^[1, 0]; 0.9 alpha'/sum + 0.05
     np.testing.assert_allclose(policy.weights_D, [0.7079527207670044, 0.2920472792329956], rtol=1e-12)
+
+
+def test_doremi_reference_from_a_run_metrics(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    train = [{"step": s, "domain_loss": {"a": 4.0 - 0.1 * s, "b": 3.0}} for s in range(1, 21)]
+    val = {"step": 20, "val_loss": {"a": 2.25, "b": 2.75, "all": 2.5}}
+    metrics.write_text("\n".join(json.dumps(r) for r in [*train[:10], val, *train[10:]]))
+    np.testing.assert_allclose(read_reference_losses(str(metrics), ["a", "b"]), [2.25, 2.75])  # last validation
+    metrics.write_text("\n".join(json.dumps(r) for r in train))  # no validation: last 10 train steps' mean
+    np.testing.assert_allclose(read_reference_losses(str(metrics), ["a", "b"]), [4.0 - 0.1 * 15.5, 3.0])
+    with pytest.raises(DataError, match="no loss for domain"):
+        read_reference_losses(str(metrics), ["a", "c"])
 
 
 def test_odm_update_matches_hand_computed() -> None:
@@ -332,6 +352,39 @@ def test_dp_slices_are_the_single_process_batch(corpus: Path, tmp_path: Path) ->
     assert not torch.equal(whole, torch.cat(halves[2:] + halves[:2]))  # twin: the slice order matters
 
 
+def _hand_out(cfg, steps: int) -> tuple[list[torch.Tensor], list[np.ndarray], set[str]]:  # type: ignore[no-untyped-def]
+    """Tokens and domains of `steps` global batches under an online policy fed a fixed loss per domain;
+    also the names of the threads that read tokens."""
+    data = TrainData(cfg)
+    threads: set[str] = set()
+    read = data.source.batch
+
+    def batch(pairs):  # type: ignore[no-untyped-def]
+        threads.add(threading.current_thread().name)
+        return read(pairs)
+
+    data.source.batch = batch  # type: ignore[method-assign]
+    data.start(0, 0, None, None)
+    tokens, domains = [], []
+    size = cfg.train.global_batch_size
+    for step in range(steps):
+        tokens.append(torch.cat([b.tokens_BS for b in data.micro_batches(step, step * size)]))
+        assert data.current is not None
+        domains.append(data.current.domain_G.copy())
+        data.observe(step, np.array([3.0, 1.0, 2.0]) * data.current.counts(3), data.current.counts(3))
+    data.close()
+    return tokens, domains, threads
+
+
+def test_prefetch_reads_in_the_background_and_hands_out_the_same_batches(corpus: Path, tmp_path: Path) -> None:
+    on = _hand_out(_cfg(corpus, tmp_path / "a", *ODM, "data.prefetch=true"), 6)
+    off = _hand_out(_cfg(corpus, tmp_path / "b", *ODM, "data.prefetch=false"), 6)
+    assert all(torch.equal(x, y) for x, y in zip(on[0], off[0], strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(on[1], off[1], strict=True))
+    assert not all(np.array_equal(on[1][0], d) for d in on[1])  # the policy moved the mixture meanwhile
+    assert on[2] == {"moe-data_0"} and off[2] == {threading.current_thread().name}  # where tokens were read
+
+
 def _train(rank: int, world_size: int, overrides: list[str], run_dir: Path) -> list[dict]:
     cfg = load_config(None, [*TINY, f"run.dir={run_dir}", *overrides])
     groups = build_process_groups(cfg, world_size, rank) if world_size > 1 else None
@@ -355,8 +408,12 @@ def test_ledger_resume_on_another_dp_size_equals_the_uninterrupted_run(corpus: P
     run_dir = tmp_path / "resumed"
     _run(corpus, run_dir, *ODM, "train.max_steps=4", "checkpoint.every=4")
     overrides = [data, *ODM, "train.max_steps=8", "checkpoint.every=4", "checkpoint.resume=latest"]
-    run_distributed(_train, 2, overrides, run_dir, timeout=300)
+    per_rank = run_distributed(_train, 2, overrides, run_dir, timeout=300)
     assert _ledger(run_dir) == want
+    targets = [[r["mixture_target"] for r in records] for records in per_rank]
+    assert len(targets[0]) == 4 and targets[0] == targets[1]  # every rank computed the same weights, bitwise
+    for got, ref in zip(targets[0], [r["mixture_target"] for r in full[4:]], strict=True):  # losses: fp rounding
+        assert got == pytest.approx(ref, rel=1e-6)
     state = json.loads((run_dir / "checkpoints" / "step_00000008" / "data_state.json").read_text())
     assert state["sampler"]["next_index"] == 64 and state["policy"]["policy"] == "odm"
     # twin: a resume that does not continue with the weights the checkpoint recorded diverges

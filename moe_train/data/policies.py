@@ -186,7 +186,8 @@ def read_reference_losses(path: str, domains: list[str]) -> np.ndarray:
             records = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
             vals = [r["val_loss"] for r in records if "val_loss" in r]
             train = [r["domain_loss"] for r in records if "domain_loss" in r][-10:]
-            table = vals[-1] if vals else {d: float(np.mean([t[d] for t in train if d in t])) for d in domains}
+            means = {d: float(np.mean([t[d] for t in train if d in t])) for d in domains if any(d in t for t in train)}
+            table = vals[-1] if vals else means
         else:
             table = json.loads(p.read_text())
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
