@@ -9,7 +9,7 @@ DoReMi reference of a seed is the stratified run of that seed (its last validati
     .venv/bin/python experiments/mixture/run.py --work /tmp/mixture --policies odm --seeds 2   # one run
     .venv/bin/python experiments/mixture/run.py --work /tmp/mixture --plot-only
 
-Results: <work>/results.json, and PNGs + a markdown table in experiments/mixture/.
+Results: <work>/results.json, the PNGs in experiments/mixture/, the markdown table of README.md on stdout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SEEDS = (1, 2)
+SEEDS = (1, 2, 3)
 POLICIES = ("stratified", "doremi", "odm", "aioli")
 MODEL = [
     "model.vocab_size=2048",
@@ -138,12 +138,31 @@ def table(results: dict, step: int | None) -> str:
     return "\n".join(lines)
 
 
+def diff_table(results: dict, step: int | None) -> str:
+    """Paired differences: validation loss of policy seed s minus stratified seed s, mean (per seed)."""
+    import numpy as np
+
+    policies = [p for p in _complete(results, step) if p != "stratified"]
+    base = [val_at(results[f"stratified_seed{s}"], step) for s in SEEDS]
+    assert all(b is not None for b in base)
+    keys = list(base[0])  # type: ignore[arg-type]
+    lines = ["| policy − stratified | " + " | ".join(k if k != "all" else "average" for k in keys) + " |"]
+    lines.append("|---" * (len(keys) + 1) + "|")
+    for policy in policies:
+        finals = [val_at(results[f"{policy}_seed{s}"], step) for s in SEEDS]
+        cells = []
+        for key in keys:
+            diffs = [f[key] - b[key] for f, b in zip(finals, base, strict=True)]  # type: ignore[index]
+            cells.append(f"{np.mean(diffs):+.3f} ({', '.join(f'{v:+.3f}' for v in diffs)})")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, out: Path, step: int | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     done = _complete(results, step)
     online = [p for p in done if p != "stratified"]
@@ -164,23 +183,36 @@ def plot(results: dict, out: Path, step: int | None) -> None:
     fig.savefig(out / "weights.png", dpi=110)
     plt.close(fig)
 
-    first = val_at(results[f"stratified_seed{SEEDS[0]}"], step)
-    assert first is not None
-    domains = list(first)
+    _plot_val(results, out, step, done)
+
+
+def _plot_val(results: dict, out: Path, step: int | None, done: list[str]) -> None:
+    """Paired differences: policy seed s minus stratified seed s (the seeds share the initialisation);
+    grey: stratified seed s minus the stratified mean, the seed-to-seed spread for scale."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def val(policy: str, seed: int) -> dict:
+        losses = val_at(results[f"{policy}_seed{seed}"], step)
+        assert losses is not None
+        return losses
+
+    domains = list(val("stratified", SEEDS[0]))
+    base = {d: float(np.mean([val("stratified", s)[d] for s in SEEDS])) for d in domains}
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / len(done)
-    base = {d: np.mean([val_at(results[f"stratified_seed{s}"], step)[d] for s in SEEDS]) for d in domains}  # type: ignore[index]
     for i, policy in enumerate(done):
+        x = np.arange(len(domains)) + i * width - 0.4 + width / 2
         for seed_i, seed in enumerate(SEEDS):
-            final = val_at(results[f"{policy}_seed{seed}"], step)
-            assert final is not None
-            x = np.arange(len(domains)) + i * width - 0.4 + width / 2
-            ax.scatter(
-                x, [final[d] - base[d] for d in domains], s=14, color=f"C{i}", label=policy if seed_i == 0 else None
-            )
+            ref = {d: base[d] for d in domains} if policy == "stratified" else val("stratified", seed)
+            label = None if seed_i else ("stratified: seed − mean" if policy == "stratified" else policy)
+            color = "0.6" if policy == "stratified" else f"C{i}"
+            ax.scatter(x, [val(policy, seed)[d] - ref[d] for d in domains], s=14, color=color, label=label)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(np.arange(len(domains)), domains)
-    ax.set_ylabel(f"val loss at step {step} − stratified mean")
+    when = "last validation" if step is None else f"step {step}"
+    ax.set_ylabel(f"val loss ({when}) minus\nstratified, same seed")
+    ax.set_title("validation loss per domain and average ('all'), one dot per seed", fontsize=9)
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out / "val_loss.png", dpi=110)
@@ -206,6 +238,8 @@ def main() -> None:
     results = collect(work)
     plot(results, HERE, args.at_step)
     print(table(results, args.at_step))
+    print()
+    print(diff_table(results, args.at_step))
 
 
 if __name__ == "__main__":
