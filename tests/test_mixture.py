@@ -460,3 +460,21 @@ def test_bad_policy_inputs_fail_before_anything_is_written(corpus: Path, tmp_pat
         with pytest.raises(DataError, match=re.escape(words)):
             Trainer(_cfg(corpus, run_dir, *extra))
         assert not run_dir.exists()
+
+
+def test_deepspeed_engine_feeds_the_online_policy(corpus: Path, tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    steps = [*ODM, "data.mixture.update_every=1", "train.max_steps=7", "checkpoint.every=0"]
+    native = _run(corpus, tmp_path / "native", *steps)
+    ds = _run(
+        corpus,
+        tmp_path / "ds",
+        *steps,
+        "engine.name=deepspeed",
+        "engine.deepspeed_config={zero_optimization: {stage: 1}}",
+    )
+    targets = [r["mixture_target"] for r in ds]
+    assert targets[0] != targets[-1]  # the policy saw DeepSpeed's losses (EXP3 explores uniformly for 3 updates)
+    for got, ref in zip(targets, [r["mixture_target"] for r in native], strict=True):
+        assert got == pytest.approx(ref, rel=1e-5)
+    assert _ledger(tmp_path / "ds") == _ledger(tmp_path / "native")
