@@ -66,6 +66,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy>=1.24",
+        "matplotlib>=3.7",
         "safetensors>=0.4",  # Hugging Face export / import
     ],
     extras_require={

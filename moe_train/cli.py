@@ -36,9 +36,11 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="print parameter counts and FLOPs per token of a config")
+    p = sub.add_parser(
+        "inspect", help="print parameter counts and FLOPs per token of a config; RUN_DIR: plot its data mixture"
+    )
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, or a run directory (writes RUN_DIR/mixture.png)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +96,15 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from moe_train.model import count_parameters, flops_per_token
+
+    if args.overrides and Path(args.overrides[0]).is_dir():  # `moe-train inspect RUN_DIR`: data mixture plot
+        from moe_train.data.report import write_mixture_report
+
+        print(f"wrote {write_mixture_report(args.overrides[0])}")
+        return 0
 
     cfg = load_config(args.config, args.overrides)
     counts = count_parameters(cfg.model, cfg.moe)

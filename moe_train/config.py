@@ -123,6 +123,66 @@ class ParallelConfig:
 
 
 @dataclass
+class DoReMiConfig:
+    """DoReMi (arXiv 2305.10429): exponentiated gradient on clipped excess loss over a reference."""
+
+    reference: str | None = None
+    """Per-domain reference losses: a JSON file {domain: loss} or a reference run's metrics.jsonl."""
+    eta: float = 1.0
+    """Step size of the exponentiated-gradient update."""
+    smoothing: float = 1.0e-3
+    """Mix of the uniform distribution into every update (the paper's c)."""
+
+
+@dataclass
+class ODMConfig:
+    """Online Data Mixing (arXiv 2312.02406): EXP3 bandit with the domain's LM loss as reward."""
+
+    alpha: float = 0.9
+    """Moving-average factor of the importance-weighted reward estimate."""
+
+
+@dataclass
+class AioliConfig:
+    """Aioli (arXiv 2411.05735): online estimate of the mixing-law matrix A, then exponentiated gradient."""
+
+    rounds: int = 1
+    """Sweeps over the domains per update (LearnParams' rounds); each probe is one domain."""
+    probe_steps: int = 2
+    """Training steps per probe mixture (at the start of every update interval)."""
+    one_hot: float = 0.5
+    """Share of the probed domain in a probe mixture; the rest is split evenly."""
+    eta: float = 0.1
+    """Step size of the exponentiated-gradient update."""
+    ema: float = 0.5
+    """Weight of the previous estimate of A in its moving average (0: no averaging)."""
+
+
+@dataclass
+class DataMixtureConfig:
+    """How the domain mixture of every global batch is chosen (see docs/data.md)."""
+
+    policy: str = "static"
+    """static (data.domain_weights), schedule (piecewise-linear), doremi, odm or aioli."""
+    update_every: int = 10
+    """Steps between updates of an online policy (Aioli: the length of one probe-and-update round)."""
+    min_weight: float = 0.0
+    """Floor of every domain's weight under an online policy (must be < 1 / number of domains)."""
+    schedule: list[list[float]] | None = None
+    """schedule policy: rows [step, w_1, ..., w_D], weights interpolated linearly between rows."""
+    max_epochs: int = 0
+    """Passes over a domain's packed samples before it counts as exhausted; 0 means unlimited."""
+    on_exhausted: str = "error"
+    """When a domain is exhausted: error (stop with a clear message) or drop (warn, sample the others)."""
+    doremi: DoReMiConfig = field(default_factory=DoReMiConfig)
+    """DoReMi settings."""
+    odm: ODMConfig = field(default_factory=ODMConfig)
+    """ODM settings."""
+    aioli: AioliConfig = field(default_factory=AioliConfig)
+    """Aioli settings."""
+
+
+@dataclass
 class DataConfig:
     """Training data."""
 
@@ -138,6 +198,12 @@ class DataConfig:
     """Path of a tokenizer.json to use instead of <data.dir>/tokenizer.json."""
     verify_checksums: bool = True
     """Check every shard's sha256 against its index before training (reads each shard once)."""
+    mixture: DataMixtureConfig = field(default_factory=DataMixtureConfig)
+    """Mixture policy and sampler."""
+    ledger: bool = False
+    """Write <run.dir>/ledger.jsonl: one line per sample of every global batch (rank 0)."""
+    prefetch: bool = True
+    """Read the next global batch in a background thread while the current step runs."""
 
 
 @dataclass
@@ -532,6 +598,37 @@ def _validate_data(cfg: Config) -> None:
         )
 
 
+MIXTURE_POLICIES: tuple[str, ...] = ("static", "schedule", "doremi", "odm", "aioli")
+
+
+def _validate_mixture(cfg: Config) -> None:
+    m = cfg.data.mixture
+    _one_of(cfg, "data.mixture.policy", MIXTURE_POLICIES)
+    _one_of(cfg, "data.mixture.on_exhausted", ("error", "drop"))
+    _positive(cfg, "data.mixture.update_every")
+    _require(0 <= m.min_weight < 1, f"data.mixture.min_weight ({m.min_weight}) must be in [0, 1)")
+    _require(m.max_epochs >= 0, f"data.mixture.max_epochs ({m.max_epochs}) must be >= 0")
+    if m.policy == "schedule":
+        _require(bool(m.schedule), "data.mixture.policy=schedule needs data.mixture.schedule rows [step, w_1, ...]")
+    rows = m.schedule or []
+    for i, row in enumerate(rows):
+        where = f"data.mixture.schedule[{i}] ({row})"
+        _require(len(row) >= 2 and row[0] >= 0, f"{where} must be [step >= 0, w_1, ..., w_D]")
+        _require(all(w >= 0 for w in row[1:]) and sum(row[1:]) > 0, f"{where}: weights must be >= 0, sum > 0")
+        _require(len(row) == len(rows[0]), f"{where} has {len(row)} entries, row 0 has {len(rows[0])}")
+        _require(i == 0 or row[0] > rows[i - 1][0], f"{where}: steps must increase")
+    if m.policy == "doremi":
+        _require(m.doremi.reference is not None, "data.mixture.policy=doremi needs data.mixture.doremi.reference")
+    _positive(cfg, "data.mixture.doremi.eta", "data.mixture.aioli.eta")
+    _require(0 <= m.doremi.smoothing < 1, f"data.mixture.doremi.smoothing ({m.doremi.smoothing}) must be in [0, 1)")
+    _require(0 <= m.odm.alpha < 1, f"data.mixture.odm.alpha ({m.odm.alpha}) must be in [0, 1)")
+    _positive(cfg, "data.mixture.aioli.rounds", "data.mixture.aioli.probe_steps")
+    _require(0 < m.aioli.one_hot <= 1, f"data.mixture.aioli.one_hot ({m.aioli.one_hot}) must be in (0, 1]")
+    _require(0 <= m.aioli.ema < 1, f"data.mixture.aioli.ema ({m.aioli.ema}) must be in [0, 1)")
+    if m.policy != "static" and cfg.data.mock:
+        raise ConfigError(f"data.mixture.policy={m.policy} needs real domains; data.mock has one")
+
+
 def _validate_parallel_single(cfg: Config) -> None:
     """Checks of the layout that do not need the world size (the rest: moe_train.parallel)."""
     p = cfg.parallel
@@ -553,6 +650,7 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg)
     _validate_train(cfg)
     _validate_data(cfg)
+    _validate_mixture(cfg)
     _validate_parallel_single(cfg)
     _validate_engine(cfg)
 

@@ -25,9 +25,9 @@ from moe_train.config import Config, from_dict
 from moe_train.data import (
     BuildOptions,
     DataError,
+    IndexedDataset,
+    IndexedWriter,
     MockSource,
-    ShardSource,
-    TokenShard,
     build_dataset,
     build_train_source,
     build_val_batches,
@@ -39,10 +39,10 @@ from moe_train.data.cli import add_data_parser, run_data
 from moe_train.data.demo import chitchat_source, licence_source, shakespeare_source, stdlib_source
 from moe_train.data.downloads import find_cached
 from moe_train.data.inputs import split_blank_lines
-from moe_train.data.mixture import MIXTURE_BLOCK, block_counts
-from moe_train.data.shards import ShardWriter, token_dtype
+from moe_train.data.shards import token_dtype
 from moe_train.data.split import split_documents
 from moe_train.data.tokenizer import load_tokenizer, split_chunks
+from moe_train.data.validate import open_shard
 
 VOCAB = 512
 SEQ = 32
@@ -140,8 +140,11 @@ def test_build_writes_manifest_sources_and_tokenizer(built: tuple[Path, dict[str
     assert manifest["tokenizer"]["eos_id"] == 0
     sources = (out / "SOURCES.md").read_text()
     assert "unknown (user-provided)" in sources and "| gamma |" in sources
-    for dom in manifest["domains"].values():
-        assert dom["train"]["dtype"] == "uint16" and dom["val"]["num_tokens"] > 0
+    assert manifest["format"] == "moe_train.data/2"
+    for name, dom in manifest["domains"].items():
+        assert dom["val"]["num_tokens"] > 0 and dom["tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
+        assert [s["prefix"] for s in dom["train"]["shards"]] == [f"{name}/train_00000"]
+        assert IndexedDataset(out / name / "train_00000").dtype == np.uint16
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary dirs left
 
 
@@ -151,25 +154,89 @@ def test_shard_round_trip_decodes_every_document(built: tuple[Path, dict[str, Pa
     originals = list(input_source(f"gamma={inputs['gamma']}").documents())
     decoded = []
     for split in ("train", "val"):
-        shard = TokenShard(out / "gamma" / f"{split}.bin", verify_checksum=True)
-        ends = [*shard.doc_offsets[1:], shard.num_tokens]
-        for start, end in zip(shard.doc_offsets, ends, strict=True):
-            ids = np.asarray(shard.tokens[start:end])
+        shard = IndexedDataset(out / "gamma" / f"{split}_00000")
+        for i in range(shard.num_docs):
+            ids = shard.document(i)
             assert ids[-1] == 0 and 0 not in ids[:-1]  # one EOS, at the end of each document
             decoded.append(tok.decode(ids[:-1].tolist(), skip_special_tokens=False))
     assert sorted(decoded) == sorted(originals)
 
 
-def test_writer_reader_and_uint32(tmp_path: Path) -> None:
-    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
-    writer = ShardWriter(tmp_path / "s.bin", token_dtype(100_000), eos_id=7)
-    writer.add_document([1, 2, 70_000])
-    writer.add_document([4, 5])
-    index = writer.close()
-    shard = TokenShard(tmp_path / "s.bin", verify_checksum=True)
-    assert index["num_docs"] == 2 and shard.dtype == np.uint32
-    assert shard.tokens.tolist() == [1, 2, 70_000, 7, 4, 5, 7]
-    assert shard.doc_offsets.tolist() == [0, 4]
+def test_writer_matches_megatron_core_and_megatron_files_read_back(tmp_path: Path) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.int32
+    docs = [np.array([1, 2, 70_000, 7]), np.array([4, 5, 7]), np.array([9, 7])]
+    ours = IndexedWriter(tmp_path / "ours", np.dtype(np.int32))
+    theirs = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.int32)
+    for doc in docs:
+        ours.add_document(doc)
+        theirs.add_document(torch.from_numpy(doc), [len(doc)])
+    info = ours.close()
+    theirs.finalize(str(tmp_path / "theirs.idx"))
+    for suffix in (".bin", ".idx"):  # byte-identical files
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes()
+    assert info["num_docs"] == 3 and info["num_tokens"] == 9
+    reference = MegatronDataset(str(tmp_path / "ours"))
+    read = IndexedDataset(tmp_path / "theirs")
+    assert read.num_docs == 3 and read.dtype == np.int32
+    for i, doc in enumerate(docs):
+        np.testing.assert_array_equal(read.document(i), doc)
+        np.testing.assert_array_equal(np.asarray(reference[i]), doc)
+
+
+def test_megatron_domains_build_read_in_place_and_train(built: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    prefixes = []
+    for part in range(2):
+        builder = IndexedDatasetBuilder(str(tmp_path / f"web{part}.bin"), dtype=np.uint16)
+        for _ in range(30):
+            doc = np.append(rng.integers(1, VOCAB, rng.integers(20, 80)), 0)
+            builder.add_document(torch.from_numpy(doc), [len(doc)])
+        builder.finalize(str(tmp_path / f"web{part}.idx"))
+        prefixes.append(str(tmp_path / f"web{part}"))
+    out = tmp_path / "mega"
+    opts = BuildOptions(
+        out=out, sources=[], tokenizer=built[0] / "tokenizer.json", megatron={"web": prefixes}, val_fraction=0.1
+    )
+    manifest = build_dataset(opts)
+    assert [s["docs"] for s in manifest["domains"]["web"]["train"]["shards"]] == [[0, 30], [0, 24]]
+    assert not list(out.glob("**/*.bin"))  # read in place, nothing copied
+    stream = open_shard(out, "web", "train")
+    first = IndexedDataset(tmp_path / "web0")
+    np.testing.assert_array_equal(stream.tokens(0, 40), np.asarray(first.tokens[:40]))
+    cfg = _cfg(out)
+    validate_data(cfg)
+    source = build_train_source(cfg)
+    assert source.domains == ["web"] and source.num_samples(0) == (stream.num_tokens - 1) // SEQ
+    np.testing.assert_array_equal(source.read(0, 1), stream.tokens(SEQ, 2 * SEQ + 1))
+
+
+def test_parquet_input_streams_through_worker_processes_into_shards_and_trains(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moe_train.train.trainer import Trainer
+
+    rng = random.Random(5)
+    docs = [_prose(rng, rng.randint(30, 200)) for _ in range(300)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "web.parquet")
+    out = tmp_path / "out"
+    manifest = build_dataset(_options(out, {"web": tmp_path / "web.parquet"}, workers=2, shard_bytes=4000))
+    shards = manifest["domains"]["web"]["train"]["shards"]
+    assert len(shards) > 3 and all(s["nbytes"] < 4000 + 2 * 250 for s in shards)
+    tok = load_tokenizer(out / "tokenizer.json")
+    stream = open_shard(out, "web", "train")
+    text = tok.decode(stream.tokens(0, stream.num_tokens).tolist(), skip_special_tokens=False)
+    train_docs = [d for d in text.split("<|endoftext|>") if d]
+    val_docs = split_documents(docs, 7, "web", 0.01, 1500)[1]
+    assert train_docs == [d for d in docs if d not in val_docs]  # in order, across shard boundaries
+    cfg = _cfg(out, train__global_batch_size=4, train__max_steps=2, train__eval_every=0, run__dir=str(tmp_path / "r"))
+    records = Trainer(cfg).fit()
+    assert len(records) == 2 and records[-1]["mixture_realised"] == {"web": 1.0}
 
 
 def test_split_chunks_is_lossless() -> None:
@@ -184,11 +251,12 @@ def test_split_chunks_is_lossless() -> None:
 
 def test_packing_megatron_style_with_eos_boundaries(built: tuple[Path, dict[str, Path]]) -> None:
     out, _ = built
-    shard = TokenShard(out / "alpha" / "train.bin")
-    stream = np.asarray(shard.tokens, dtype=np.int64)
+    shard = open_shard(out, "alpha", "train")
+    stream = shard.tokens(0, shard.num_tokens)
     n = shard.num_samples(SEQ)
     assert n == (shard.num_tokens - 1) // SEQ
-    eos_positions = set((shard.doc_offsets[1:] - 1).tolist()) | {shard.num_tokens - 1}
+    lengths = IndexedDataset(out / "alpha" / "train_00000").lengths
+    eos_positions = set((np.cumsum(lengths) - 1).tolist())
     for k in (0, 1, n // 2, n - 1):
         sample = shard.sample(k, SEQ)
         assert sample.shape == (SEQ + 1,)
@@ -200,62 +268,14 @@ def test_packing_megatron_style_with_eos_boundaries(built: tuple[Path, dict[str,
 
 def test_batch_labels_are_shifted_inputs(built: tuple[Path, dict[str, Path]]) -> None:
     source = build_train_source(_cfg(built[0]))
-    batch = source.get_batch(list(range(8)))
+    batch = source.batch([(d % 4, k) for d, k in enumerate(range(8))])
     assert batch.tokens_BS.shape == (8, SEQ) and batch.tokens_BS.dtype == torch.int64
-    assert batch.labels_BS.dtype == torch.int64 and batch.domain_B.dtype == torch.int64
+    assert batch.labels_BS.dtype == torch.int64 and batch.domain_B.tolist() == [0, 1, 2, 3] * 2
     torch.testing.assert_close(batch.tokens_BS[:, 1:], batch.labels_BS[:, :-1])
 
 
 def _equal(a: Any, b: Any) -> bool:
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("tokens_BS", "labels_BS", "domain_B"))
-
-
-def test_get_batch_is_pure_in_the_sample_indices(built: tuple[Path, dict[str, Path]]) -> None:
-    cfg = _cfg(built[0])
-    idx = list(range(40, 72))
-    first = build_train_source(cfg).get_batch(idx)
-    other = build_train_source(cfg)
-    other.get_batch(list(range(5000, 5100)))  # unrelated history must not matter
-    assert _equal(first, other.get_batch(idx))
-    rev = other.get_batch(idx[::-1])
-    assert _equal(first, type(first)(rev.tokens_BS.flip(0), rev.labels_BS.flip(0), rev.domain_B.flip(0)))
-    halves = [other.get_batch(idx[:16]), other.get_batch(idx[16:])]
-    assert torch.equal(first.tokens_BS, torch.cat([h.tokens_BS for h in halves]))
-    # twin: the batch does depend on the seed, so the equality above is not vacuous
-    assert not torch.equal(first.tokens_BS, build_train_source(_cfg(built[0], train__seed=12)).get_batch(idx).tokens_BS)
-
-
-def test_uniform_stratified_coverage(built: tuple[Path, dict[str, Path]]) -> None:
-    source = build_train_source(_cfg(built[0]))
-    assert isinstance(source, ShardSource)
-    num_domains = len(source.domains)
-    domains = source.get_batch(list(range(num_domains * 50))).domain_B.view(50, num_domains)
-    for block in domains:  # every block of D consecutive indices holds each domain once
-        assert sorted(block.tolist()) == list(range(num_domains))
-    assert domains.flatten().tolist() != list(range(num_domains)) * 50  # but in a shuffled order
-
-
-def test_within_domain_draws_are_without_replacement(built: tuple[Path, dict[str, Path]]) -> None:
-    source = build_train_source(_cfg(built[0]))
-    assert isinstance(source, ShardSource)
-    for order in source.orders:
-        n = order.num_samples
-        epoch0 = [order.sample_id(k) for k in range(n)]
-        epoch1 = [order.sample_id(k) for k in range(n, 2 * n)]
-        assert sorted(epoch0) == list(range(n)) == sorted(epoch1)
-        assert epoch0 != epoch1 or n < 3
-
-
-def test_domain_weights_and_subset(built: tuple[Path, dict[str, Path]]) -> None:
-    assert block_counts(2, [3.0, 1.0]).tolist() == [768, 256]
-    assert block_counts(3, [1.0, 1.0, 1.0]).sum() == MIXTURE_BLOCK
-    cfg = _cfg(built[0], data__domains=["gamma", "beta"], data__domain_weights=[3.0, 1.0])
-    source = build_train_source(cfg)
-    assert source.domains == ["gamma", "beta"]
-    counts = torch.bincount(source.get_batch(list(range(MIXTURE_BLOCK))).domain_B, minlength=2)
-    assert counts.tolist() == [768, 256]
-    only = build_train_source(_cfg(built[0], data__domains=["beta"])).get_batch(list(range(10)))
-    assert only.domain_B.tolist() == [0] * 10
 
 
 def test_mock_source_is_deterministic(tmp_path: Path) -> None:
@@ -286,9 +306,8 @@ def test_val_documents_are_disjoint_from_train(built: tuple[Path, dict[str, Path
     for domain in ("alpha", "beta", "gamma", "code"):
         texts = {}
         for split in ("train", "val"):
-            shard = TokenShard(out / domain / f"{split}.bin")
-            docs = np.split(np.asarray(shard.tokens), shard.doc_offsets[1:])
-            texts[split] = {tok.decode(d.tolist()) for d in docs}
+            shard = IndexedDataset(out / domain / f"{split}_00000")
+            texts[split] = {tok.decode(shard.document(i).tolist()) for i in range(shard.num_docs)}
         assert texts["val"] and texts["train"] and not texts["val"] & texts["train"]
 
 
@@ -308,7 +327,10 @@ def test_split_depends_on_text_not_order() -> None:
     train, val = split_documents(docs, 0, "d", 0.1, 0)
     train2, val2 = split_documents(docs[::-1], 0, "d", 0.1, 0)
     assert set(val) == set(val2) and set(train) == set(train2) and not set(val) & set(train)
-    assert 8 <= len(val) <= 14
+    assert 2 <= len(val) <= 20  # about val_fraction of the documents, by hash
+    by_bytes = split_documents(docs, 0, "d", 0.0, 3000)[1]  # only val_min_bytes: the lowest-ranked documents
+    assert sum(len(d) for d in by_bytes) >= 3000 and len(by_bytes) <= 3000 // 170 + 1
+    assert len(split_documents(docs[:6], 0, "d", 0.0, 10**6)[1]) == 3  # never more than half
     assert set(split_documents(docs, 1, "d", 0.1, 0)[1]) != set(val)  # twin: the seed matters
 
 
@@ -339,7 +361,7 @@ def test_missing_tokenizer(built: tuple[Path, dict[str, Path]], tmp_path: Path) 
 
 def test_truncated_shard(built: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
     data = _copy(built[0], tmp_path)
-    path = data / "beta" / "train.bin"
+    path = data / "beta" / "train_00000.bin"
     path.write_bytes(path.read_bytes()[:-6])
     _raises(_cfg(data), str(path), "truncated")
     with pytest.raises(DataError, match="truncated"):
@@ -348,14 +370,27 @@ def test_truncated_shard(built: tuple[Path, dict[str, Path]], tmp_path: Path) ->
 
 def test_corrupt_shard_caught_by_checksum(built: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
     data = _copy(built[0], tmp_path)
-    path = data / "gamma" / "val.bin"
+    path = data / "gamma" / "val_00000.bin"
     raw = bytearray(path.read_bytes())
     raw[10] ^= 0xFF
     path.write_bytes(bytes(raw))
     _raises(_cfg(data), str(path), "corrupt", "sha256")
     validate_data(_cfg(data, data__verify_checksums=False))  # twin: same size, so only the checksum sees it
-    (data / "gamma" / "val.idx.json").write_text("{not json")
-    _raises(_cfg(data), "val.idx.json", "not valid JSON")
+    (data / "gamma" / "val_00000.idx").write_text("{not an index")
+    _raises(_cfg(data), "val_00000.idx", "not a Megatron indexed dataset")
+    (data / "gamma" / "val_00000.idx").unlink()
+    _raises(_cfg(data), "val_00000.idx", "does not exist")
+
+
+def test_old_format_and_mixed_tokenizers_rejected(built: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    data = _copy(built[0], tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["domains"]["beta"]["tokenizer_sha256"] = "0" * 64
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    _raises(_cfg(data), "domain 'beta'", "tokenised with tokenizer 000000000000")
+    validate_data(_cfg(data, data__domains=["alpha"]))  # twin: the other domains are consistent
+    (data / "manifest.json").write_text(json.dumps(manifest | {"format": "moe_train.data/1"}))
+    _raises(_cfg(data), "moe_train.data/1", "moe-train data build")
 
 
 def test_tokenizer_larger_than_model_vocab(built: tuple[Path, dict[str, Path]]) -> None:

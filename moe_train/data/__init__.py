@@ -6,13 +6,14 @@ Public API:
 * `validate_data(cfg)`: check data.* against the directory before training; raises DataError.
 * `build_train_source(cfg) -> TrainSource` with `get_batch(sample_indices) -> Batch`.
 * `build_val_batches(cfg) -> dict[domain, list[Batch]]`.
-* `TokenShard`: memory-mapped, index-checked reader of one token shard.
+* `IndexedDataset`, `IndexedWriter`, `TokenStream`: Megatron indexed-dataset shards and a domain's stream.
+* `TrainData` (moe_train.data.loader): sampler + policy + prefetch + ledger, what the trainer uses.
 """
 
 from moe_train.data.build import BuildOptions, build_dataset
 from moe_train.data.errors import DataError
 from moe_train.data.inputs import hf_documents, input_source
-from moe_train.data.shards import TokenShard
+from moe_train.data.shards import IndexedDataset, IndexedWriter, TokenStream
 from moe_train.data.source import (
     Batch,
     MockSource,
@@ -29,7 +30,9 @@ __all__ = [
     "DataError",
     "MockSource",
     "ShardSource",
-    "TokenShard",
+    "IndexedDataset",
+    "IndexedWriter",
+    "TokenStream",
     "TrainSource",
     "build_dataset",
     "build_train_source",

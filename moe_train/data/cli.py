@@ -3,6 +3,8 @@
 moe-train data build                                  # demo corpus into data_cache/demo
 moe-train data build --out data_cache/mine --input notes=docs/ --input chat=chat.jsonl
 moe-train data build --out d --input web=hf:HuggingFaceFW/fineweb-edu#train --max-bytes 50000000
+moe-train data build --out d --input web=part-0.parquet --workers 8 --shard-mb 512
+moe-train data build --out d --tokenizer tok.json --megatron web=/data/web_text_document,/data/web2_text_document
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from moe_train.data.demo import DEMO_DOMAINS, demo_sources
 from moe_train.data.downloads import CACHE_ENV, default_cache_dir
 from moe_train.data.errors import DataError
 from moe_train.data.inputs import input_source, parse_input_spec
-from moe_train.data.sources import TextSource
+from moe_train.data.sources import TextSource, check_domain_name
 from moe_train.data.tokenizer import EOS_TOKEN
 from moe_train.utils.logging import setup_logging
 
@@ -35,8 +37,8 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="a domain from a directory, .txt (blank-line separated documents), .jsonl "
-        "('text' field) or hf:NAME_OR_PATH[#SPLIT]; repeatable",
+        help="a domain from a directory, .txt (blank-line separated documents), .jsonl ('text' field), "
+        ".parquet/.arrow/.json/.csv (through HF datasets) or hf:NAME_OR_PATH[#SPLIT]; repeatable",
     )
     p.add_argument(
         "--demo",
@@ -74,6 +76,15 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=LICENSE",
         help="licence recorded for an --input domain in SOURCES.md; repeatable",
     )
+    p.add_argument(
+        "--megatron",
+        action="append",
+        default=[],
+        metavar="NAME=PREFIX[,PREFIX...]",
+        help="a domain read in place from Megatron indexed datasets (.bin/.idx; needs --tokenizer); repeatable",
+    )
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per CPU core)")
+    p.add_argument("--shard-mb", type=float, default=256, help="largest .bin shard in MiB (default 256)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
 
 
@@ -95,7 +106,7 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _demo_domains(args: argparse.Namespace) -> list[str]:
     if args.demo is None:
-        return [] if args.input else list(DEMO_DOMAINS)
+        return [] if args.input or args.megatron else list(DEMO_DOMAINS)
     if args.demo.strip() == "all":
         return list(DEMO_DOMAINS)
     return [d.strip() for d in args.demo.split(",") if d.strip()]
@@ -125,6 +136,16 @@ def _sources(args: argparse.Namespace) -> list[TextSource]:
     return sources
 
 
+def _megatron(args: argparse.Namespace) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for spec in args.megatron:
+        name, sep, prefixes = spec.partition("=")
+        if not sep or not name or not prefixes:
+            raise DataError(f"--megatron {spec!r} must look like NAME=PREFIX[,PREFIX...]")
+        out[check_domain_name(name, f"--megatron {spec!r}")] = [p for p in prefixes.split(",") if p]
+    return out
+
+
 def _options(args: argparse.Namespace) -> BuildOptions:
     return BuildOptions(
         out=Path(args.out),
@@ -138,6 +159,9 @@ def _options(args: argparse.Namespace) -> BuildOptions:
         tokenizer_sample_bytes=args.tokenizer_sample_bytes,
         seed=args.seed,
         force=args.force,
+        workers=args.workers,
+        shard_bytes=int(args.shard_mb * 2**20),
+        megatron=_megatron(args),
         extra={"argv": sys.argv[1:]},
     )
 
@@ -145,10 +169,11 @@ def _options(args: argparse.Namespace) -> BuildOptions:
 def _log_summary(manifest: dict[str, Any], seconds: float) -> None:
     for name, dom in manifest["domains"].items():
         log.info(
-            "  %-10s %9d train tokens %8d val tokens  (%s)",
+            "  %-10s %9d train tokens %8d val tokens %3d shard(s)  (%s)",
             name,
             dom["train"]["num_tokens"],
             dom["val"]["num_tokens"],
+            len(dom["train"]["shards"]),
             dom["source"]["license"],
         )
     log.info("built in %.1f s", seconds)

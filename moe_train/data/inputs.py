@@ -5,6 +5,8 @@ Accepted PATH forms and what one document is:
 * a directory: every ``.txt``, ``.md`` and ``.py`` file below it (sorted by path) is one document;
 * a ``.txt`` / ``.md`` file: documents are separated by one or more blank lines;
 * a ``.jsonl`` file: one JSON object per line, the document is its ``text`` field (``--text-field``);
+* a ``.parquet`` / ``.arrow`` / ``.json`` / ``.csv`` file: rows streamed through HF ``datasets``, the
+  document is the ``text`` field (``--text-field``);
 * ``hf:NAME_OR_PATH[#SPLIT]``: a dataset loaded with ``datasets.load_dataset`` (streamed; split
   ``train`` by default). A local ``.json``/``.jsonl``/``.parquet``/``.csv``/``.txt`` path is loaded
   with the matching ``datasets`` builder.
@@ -23,7 +25,15 @@ from moe_train.data.sources import SourceInfo, TextSource, check_domain_name
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 HF_PREFIX = "hf:"
-_HF_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+_HF_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".txt": "text",
+}
+_HF_FILES = (".parquet", ".arrow", ".json", ".csv")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
@@ -49,7 +59,17 @@ def split_blank_lines(text: str) -> list[str]:
 
 
 def _text_file_documents(path: Path) -> Iterator[str]:
-    yield from split_blank_lines(path.read_text(encoding="utf-8", errors="replace"))
+    """Blank-line separated documents, streamed line by line (memory: one document)."""
+    lines: list[str] = []
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield from split_blank_lines("".join(lines))
+                lines = []
+    if lines:
+        yield from split_blank_lines("".join(lines))
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
@@ -113,4 +133,6 @@ def input_source(spec: str, field: str = "text", license: str = "unknown (user-p
         return TextSource(info, lambda: _jsonl_documents(path, field))
     if path.suffix in (".txt", ".md"):
         return TextSource(info, lambda: _text_file_documents(path))
-    raise DataError(f"--input {name}: {path} must be a directory, a .txt/.md file or a .jsonl file")
+    if path.suffix in _HF_FILES:
+        return TextSource(info, lambda: hf_documents(str(path), "train", field))
+    raise DataError(f"--input {name}: {path} must be a directory or a .txt/.md/.jsonl/{'/'.join(_HF_FILES)} file")

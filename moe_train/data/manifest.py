@@ -11,7 +11,7 @@ from moe_train.data.errors import DataError
 MANIFEST_NAME = "manifest.json"
 SOURCES_NAME = "SOURCES.md"
 TOKENIZER_NAME = "tokenizer.json"
-FORMAT = "moe_train.data/1"
+FORMAT = "moe_train.data/2"
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
@@ -36,8 +36,13 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON ({exc.__class__.__name__}); {build_hint(root)}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path} is not a {FORMAT} manifest; {build_hint(root)}")
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("moe_train.data/"):
+        raise DataError(f"{path} is not a moe_train data manifest; {build_hint(root)}")
+    if manifest["format"] != FORMAT:
+        raise DataError(
+            f"{path} has format {manifest['format']}, this moe_train reads {FORMAT} (Megatron shards); "
+            f"{build_hint(root)} --force"
+        )
     if not isinstance(manifest.get("domains"), dict) or not manifest["domains"]:
         raise DataError(f"{path} lists no domains; {build_hint(root)}")
     return manifest

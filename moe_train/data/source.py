@@ -2,10 +2,9 @@
 
 Shape suffixes: B samples in the batch, S = train.seq_len tokens per sample.
 
-A sample is a pure function of (train.seed, global sample index): ask `get_batch` for the global
-indices a rank owns (e.g. step * global_batch_size + its slice) and it returns the same tokens no
-matter which other indices were asked for before, in which order or on which rank. Mixing and
-within-domain order are described in moe_train.data.mixture.
+A source reads packed samples by (domain, packed sample id); which sample fills which slot of a
+global batch is decided by the mixture sampler (moe_train.data.sampler) under the mixture policy
+(moe_train.data.policies); moe_train.data.loader ties them together for the trainer.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ import torch
 from moe_train.config import Config
 from moe_train.data.errors import DataError
 from moe_train.data.manifest import read_manifest
-from moe_train.data.mixture import EpochOrder, MixturePlan, block_counts
-from moe_train.data.shards import TokenShard
-from moe_train.data.validate import open_shard, selected_domains
+from moe_train.data.shards import TokenStream
+from moe_train.data.validate import open_split, selected_domains
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ def make_batch(samples: Sequence[np.ndarray], domains: Sequence[int]) -> Batch:
 
 
 class TrainSource(ABC):
-    """Random-access training samples; `get_batch` is pure in the sample indices."""
+    """Packed training samples of every domain, read by (domain position, packed sample id)."""
 
     domains: list[str]
     """Domain names; Batch.domain_B indexes this list."""
@@ -67,37 +65,38 @@ class TrainSource(ABC):
     """Tokens per sample (S)."""
 
     @abstractmethod
-    def sample(self, index: int) -> tuple[np.ndarray, int]:
-        """(S + 1 token ids, domain position) of global sample `index`."""
+    def num_samples(self, d: int) -> int | None:
+        """Packed samples of domain d (None: unlimited)."""
 
-    def get_batch(self, sample_indices: Sequence[int]) -> Batch:
-        """The samples at these global indices, in the order given."""
-        if len(sample_indices) == 0:
-            raise DataError("get_batch needs at least one sample index")
-        bad = [i for i in sample_indices if i < 0]
-        if bad:
-            raise DataError(f"sample indices must be >= 0, got {bad[0]}")
-        pairs = [self.sample(int(i)) for i in sample_indices]
-        return make_batch([p[0] for p in pairs], [p[1] for p in pairs])
+    @abstractmethod
+    def read(self, d: int, sample_id: int) -> np.ndarray:
+        """S + 1 token ids of packed sample `sample_id` of domain d."""
+
+    def batch(self, pairs: Sequence[tuple[int, int]]) -> Batch:
+        """The samples (domain position, sample id) stacked in the order given."""
+        if len(pairs) == 0:
+            raise DataError("a batch needs at least one sample")
+        return make_batch([self.read(d, k) for d, k in pairs], [d for d, _ in pairs])
 
 
 class ShardSource(TrainSource):
-    """Samples from per-domain token shards mixed by a MixturePlan."""
+    """Packed samples of per-domain token shards."""
 
-    def __init__(self, shards: list[TokenShard], domains: list[str], counts: np.ndarray, seq_len: int, seed: int):
+    def __init__(self, shards: list[TokenStream], domains: list[str], seq_len: int):
         self.domains = domains
         self.seq_len = seq_len
         self.shards = shards
-        self.plan = MixturePlan(counts, seed)
-        self.orders = [EpochOrder(name, s.num_samples(seq_len), seed) for name, s in zip(domains, shards, strict=True)]
-        for name, order in zip(domains, self.orders, strict=True):
-            if order.num_samples < 1:
+        for name, shard in zip(domains, shards, strict=True):
+            if shard.num_samples(seq_len) < 1:
                 raise DataError(f"domain '{name}' has fewer than seq_len + 1 ({seq_len + 1}) train tokens")
 
-    def sample(self, index: int) -> tuple[np.ndarray, int]:
-        """(S + 1 token ids, domain position) of global sample `index`."""
-        d, k = self.plan.locate(index)
-        return self.shards[d].sample(self.orders[d].sample_id(k), self.seq_len), d
+    def num_samples(self, d: int) -> int | None:
+        """Packed samples of domain d at this seq_len."""
+        return self.shards[d].num_samples(self.seq_len)
+
+    def read(self, d: int, sample_id: int) -> np.ndarray:
+        """S + 1 token ids of packed sample `sample_id` of domain d."""
+        return self.shards[d].sample(sample_id, self.seq_len)
 
 
 class MockSource(TrainSource):
@@ -110,10 +109,21 @@ class MockSource(TrainSource):
         self.seed = seed
         self.stream = stream
 
-    def sample(self, index: int) -> tuple[np.ndarray, int]:
-        """(S + 1 random token ids, 0) for global sample `index`."""
-        rng = np.random.default_rng([self.seed, self.stream, index])
-        return rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64), 0
+    def num_samples(self, d: int) -> int | None:
+        """Unlimited: the sampler's draw k of the one domain is sample k (= the global index)."""
+        return None
+
+    def read(self, d: int, sample_id: int) -> np.ndarray:
+        """S + 1 random token ids of sample `sample_id`."""
+        rng = np.random.default_rng([self.seed, self.stream, sample_id])
+        return rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64)
+
+    def get_batch(self, sample_indices: Sequence[int]) -> Batch:
+        """The samples at these global indices, in the order given (pure in the indices)."""
+        bad = [i for i in sample_indices if i < 0]
+        if bad:
+            raise DataError(f"sample indices must be >= 0, got {bad[0]}")
+        return self.batch([(0, int(i)) for i in sample_indices])
 
 
 def build_train_source(cfg: Config) -> TrainSource:
@@ -121,13 +131,10 @@ def build_train_source(cfg: Config) -> TrainSource:
     if cfg.data.mock:
         return MockSource(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
     root = Path(cfg.data.dir)
-    domains = selected_domains(cfg, read_manifest(root))
-    shards = [open_shard(root, d, "train") for d in domains]
-    counts = block_counts(len(domains), cfg.data.domain_weights)
-    for name, w, c in zip(domains, cfg.data.domain_weights or [], counts, strict=False):
-        if w > 0 and c == 0:
-            log.warning("data.domain_weights: weight %g of domain '%s' rounds to 0 samples per block", w, name)
-    return ShardSource(shards, domains, counts, cfg.train.seq_len, cfg.train.seed)
+    manifest = read_manifest(root)
+    domains = selected_domains(cfg, manifest)
+    shards = [open_split(root, manifest, d, "train") for d in domains]
+    return ShardSource(shards, domains, cfg.train.seq_len)
 
 
 def val_sample_ids(num_samples: int, needed: int) -> list[int]:
@@ -137,11 +144,11 @@ def val_sample_ids(num_samples: int, needed: int) -> list[int]:
     return [j % num_samples for j in range(needed)]
 
 
-def _val_batches_for(shard: TokenShard, domain: str, d: int, cfg: Config) -> list[Batch]:
+def _val_batches_for(shard: TokenStream, domain: str, d: int, cfg: Config) -> list[Batch]:
     seq_len, mbs = cfg.train.seq_len, cfg.train.micro_batch_size
     n = shard.num_samples(seq_len)
     if n < 1:
-        raise DataError(f"domain '{domain}' has fewer than seq_len + 1 ({seq_len + 1}) val tokens in {shard.path}")
+        raise DataError(f"domain '{domain}' has fewer than seq_len + 1 ({seq_len + 1}) val tokens")
     needed = cfg.train.eval_batches * mbs
     if n < needed:
         log.warning("domain '%s': %d val samples < %d wanted; repeating them", domain, n, needed)
@@ -159,5 +166,8 @@ def build_val_batches(cfg: Config) -> dict[str, list[Batch]]:
         mock = MockSource(cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed, stream=MOCK_VAL_STREAM)
         return {"mock": [mock.get_batch(range(j * mbs, (j + 1) * mbs)) for j in range(cfg.train.eval_batches)]}
     root = Path(cfg.data.dir)
-    domains = selected_domains(cfg, read_manifest(root))
-    return {name: _val_batches_for(open_shard(root, name, "val"), name, d, cfg) for d, name in enumerate(domains)}
+    manifest = read_manifest(root)
+    domains = selected_domains(cfg, manifest)
+    return {
+        name: _val_batches_for(open_split(root, manifest, name, "val"), name, d, cfg) for d, name in enumerate(domains)
+    }

@@ -127,8 +127,11 @@ def save_distributed_checkpoint(
     groups: ProcessGroups,
     config: dict[str, Any],
     keep_last: int,
+    extra_json: dict[str, Any] | None = None,
 ) -> Path:
-    """Every rank calls this; writes `<run_dir>/checkpoints/step_NNNNNNNN` atomically, returns it."""
+    """Every rank calls this; writes `<run_dir>/checkpoints/step_NNNNNNNN` atomically, returns it.
+
+    extra_json: {name: JSON-able object} written by rank 0 as `<name>.json` (e.g. the data state)."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{state.step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -149,6 +152,8 @@ def save_distributed_checkpoint(
     (tmp / f"{name}.json").write_text(json.dumps(listing))
     _barrier(groups)
     if groups.rank == 0:
+        for name, obj in (extra_json or {}).items():
+            (tmp / f"{name}.json").write_text(json.dumps(obj))
         _commit(tmp, final, state, config, groups.world_size, keep_last)
     _barrier(groups)
     return final

@@ -62,6 +62,9 @@ class MetricsWriter:
                 self.tb.add_scalar(f"train/{key}", record[key], step)
         for domain, value in record.get("domain_loss", {}).items():
             self.tb.add_scalar(f"train_domain/{domain}", value, step)
+        for group in ("mixture_target", "mixture_realised"):  # the data mixture (moe_train.data.loader)
+            for domain, value in record.get(group, {}).items():
+                self.tb.add_scalar(f"{group}/{domain}", value, step)
         if expert_counts_LE is not None:
             self._expert_load(expert_counts_LE, step)
 

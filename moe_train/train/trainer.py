@@ -1,9 +1,11 @@
 """The training loop: global batch → micro-batches with gradient accumulation → clip → AdamW step.
 
-The data of one step travels one way: sample indices [step*G, (step+1)*G) → this rank's slice →
-micro-batches → model forward (router → dispatch → experts → combine) → lm loss (+ aux losses attached
-in backward) → backward → clip → optimizer → metrics. Samples are pure functions of their global index,
-so the data position is a single integer and a resumed run continues bit for bit.
+The data of one step travels one way: the mixture sampler's plan of global batch `step` (samples
+[consumed_samples, consumed_samples + G)) → this rank's slice → micro-batches → model forward (router
+→ dispatch → experts → combine) → lm loss (+ aux losses attached in backward) → backward → clip →
+optimizer → metrics → per-domain losses back to the mixture policy (moe_train.data.loader,
+moe_train.train.data_hooks). The data position (consumed_samples plus the sampler and policy state
+saved with each checkpoint) makes a resumed run continue bit for bit under any layout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import torch
 
 from moe_train.config import Config, save_config, to_dict
-from moe_train.data import Batch, build_train_source, build_val_batches, validate_data
+from moe_train.data import Batch, build_val_batches, validate_data
+from moe_train.data.loader import TrainData
 from moe_train.model import build_model, flops_per_token
 from moe_train.parallel.clip import clip_grad_norm_
 from moe_train.parallel.dist_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
@@ -25,6 +28,7 @@ from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.layout import validate_layout
 from moe_train.parallel.parallelize import parallelize
 from moe_train.train import checkpoint as ckpt
+from moe_train.train import data_hooks
 from moe_train.train.metrics import EtaEstimator, MetricsWriter, format_progress
 from moe_train.train.optim import build_optimizer, set_lr
 from moe_train.train.peak import MfuMeter, device_peak
@@ -76,13 +80,15 @@ class Trainer:
         self.groups = groups or ProcessGroups.single()
         validate_layout(cfg, self.groups.world_size)
         validate_data(cfg)
+        self.data = TrainData(cfg, self.groups.dp_rank, self.groups.dp_size)  # may raise: before run.dir exists
         resume_path = ckpt.resolve_resume(cfg.run.dir, cfg.checkpoint.resume)
         self.cfg = cfg
         self.is_main = self.groups.rank == 0
         self.run_dir = prepare_run_dir(cfg)
         self.device = _device()
-        self.source = build_train_source(cfg)
-        self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
+        self.source = self.data.source
+        needs_val = cfg.train.eval_every > 0 or data_hooks.needs_validation(cfg)
+        self.val_batches = build_val_batches(cfg) if needs_val else {}
         self.deepspeed = cfg.engine.name == "deepspeed"
         if self.deepspeed:  # reduction, clipping and the update run inside DeepSpeed's engine
             from moe_train.train.deepspeed_engine import build_deepspeed
@@ -92,8 +98,12 @@ class Trainer:
             self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
             self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
+        self._data_state: dict[str, Any] | None = None
         if resume_path is not None:
             self._restore(resume_path)
+        self.data.start(
+            self.state.step, self.state.consumed_samples, self._data_state, self.run_dir if self.is_main else None
+        )
         if self.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         kept_step = self.state.step if resume_path is not None else -1  # a fresh run keeps no old lines
@@ -113,6 +123,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         self.state, rng = load_distributed_checkpoint(path, self.pmodel.chunks, self.optimizer, self.groups)
         ckpt.set_rng_state(rng)
+        self._data_state = data_hooks.load_data_state(path)
         log.info("resumed from %s at step %d", path, self.state.step)
         saved = ckpt.saved_config(path)
         if saved is not None and self.is_main:
@@ -130,6 +141,7 @@ class Trainer:
             self.groups,
             to_dict(self.cfg),
             self.cfg.checkpoint.keep_last,
+            extra_json={data_hooks.DATA_STATE: self.data.state_dict()},
         )
 
     # -- one step -----------------------------------------------------------------------------
@@ -138,12 +150,7 @@ class Trainer:
         """This rank's micro-batches of the global batch starting at global sample `first_sample`:
         DP replica d takes slice d. The data position is consumed_samples, so a resumed run continues
         exactly where it stopped even with another layout or global batch size."""
-        t = self.cfg.train
-        per_replica = t.global_batch_size // self.groups.dp_size
-        start = first_sample + self.groups.dp_rank * per_replica
-        indices = list(range(start, start + per_replica))
-        mbs = t.micro_batch_size
-        return [self.source.get_batch(indices[i : i + mbs]) for i in range(0, len(indices), mbs)]
+        return self.data.micro_batches(self.state.step, first_sample)
 
     def _autocast(self) -> Any:
         enabled = self.cfg.train.precision == "bf16"
@@ -158,14 +165,18 @@ class Trainer:
             set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
         if self.deepspeed:
-            return self._result(reduce_step_stats(stats, self.groups, self.device), self.optimizer.grad_norm())
+            result = self._result(reduce_step_stats(stats, self.groups, self.device), self.optimizer.grad_norm())
+            data_hooks.observe_step(self, step, stats)
+            return result
         if self.pmodel.reducer is not None:
             self.pmodel.reducer.finish()
         grad_norm = self._clip()
         set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
+        result = self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
+        data_hooks.observe_step(self, step, stats)
+        return result
 
     def _clip(self) -> float:
         """Global grad-norm clipping; each parameter counted once across every parallel group."""
@@ -235,18 +246,20 @@ class Trainer:
         try:
             if self.val_batches and t.eval_at_start and self.state.step == 0:
                 self._validate()
+            data_hooks.maybe_evaluate(self)
             while self.state.step < t.max_steps:
                 start = time.perf_counter()
                 result = self.train_step()
                 self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
                 elapsed = time.perf_counter() - start
                 self.eta.add_step(elapsed)
-                records.append(self._record(self.state.step, result, elapsed))
+                records.append(self._record(self.state.step, result, elapsed) | self.data.record())
                 self.metrics.write_step(records[-1], result.expert_counts_LE)
                 self._after_step(records[-1])
         finally:
             self.progress.close()
             self.metrics.close()
+            self.data.close()
         return records
 
     def _validate(self) -> None:
@@ -273,5 +286,6 @@ class Trainer:
             log.info(format_progress(record, t.max_steps, eta))
         if self.val_batches and self._should(t.eval_every, step):
             self._validate()
+        data_hooks.maybe_evaluate(self)
         if self._should(self.cfg.checkpoint.every, step):
             self.save()
