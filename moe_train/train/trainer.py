@@ -244,7 +244,7 @@ class Trainer:
         records: list[dict[str, Any]] = []
         self.progress = ProgressBar(t.max_steps, self.state.step, self.cfg.log.progress_bar, self.is_main)
         try:
-            if self.val_batches and t.eval_at_start and self.state.step == 0:
+            if self.val_batches and t.eval_at_start and t.eval_every > 0 and self.state.step == 0:
                 self._validate()
             data_hooks.maybe_evaluate(self)
             while self.state.step < t.max_steps:
@@ -275,6 +275,8 @@ class Trainer:
         t = self.cfg.train
         if not self.val_batches or step >= t.max_steps:
             return 0
+        if t.eval_every == 0:  # only the final validation
+            return 1
         return t.max_steps // t.eval_every - step // t.eval_every + (1 if t.max_steps % t.eval_every else 0)
 
     def _after_step(self, record: dict[str, Any]) -> None:
