@@ -147,8 +147,13 @@ class Validation:
     choice: Candidate | None
 
     @property
+    def predicted_mfu(self) -> float:
+        assert self.predicted.time is not None  # evaluate() always times a published layout
+        return self.predicted.time.mfu
+
+    @property
     def relative_error(self) -> float:
-        return self.predicted.time.mfu / self.run.published_mfu - 1.0
+        return self.predicted_mfu / self.run.published_mfu - 1.0
 
 
 def validate_run(run: PublishedRun, search_choice: bool = True) -> Validation:

@@ -23,6 +23,7 @@ from moe_train.plan.space import (
     layout_from_config,
     options_from_config,
     recipe_for,
+    tail_split,
     validate_plan_layout,
 )
 from moe_train.plan.time import TimeBreakdown, step_time
@@ -104,8 +105,9 @@ def parallel_shapes(cfg: Config, world: int, options: PlanOptions, cluster: Clus
                 if G % (dp * mbs):
                     continue
                 for vpp in _vpps(m.num_layers, pp, options.max_vpp):
-                    split = balanced_split(m.num_layers, pp * vpp)
-                    out.append(PlanLayout(tp, cp, pp, vpp, ep, etp, mbs, pp_layer_split=split))
+                    splits = {balanced_split(m.num_layers, pp * vpp), tail_split(m.num_layers, pp * vpp)}
+                    for split in sorted(splits, key=lambda s: s or ()):
+                        out.append(PlanLayout(tp, cp, pp, vpp, ep, etp, mbs, pp_layer_split=split))
     return out
 
 
@@ -182,9 +184,33 @@ def smallest_world(cfg: Config, cluster: Cluster, options: PlanOptions, start: i
     counts = sorted({n for n in range(start, min(limit, 64 * node) + 1) if n % node == 0 or n < node})
     counts += [2**i for i in range(20) if 64 * node < 2**i <= limit]
     for n in counts:
-        if n >= start and search(cfg, n, cluster, options, top=1)[0]:
+        if n >= start and fits_somewhere(cfg, n, cluster, options):
             return n
     return None
+
+
+def fits_somewhere(cfg: Config, world: int, cluster: Cluster, options: PlanOptions) -> bool:
+    """Whether any valid layout fits on `world` GPUs: only each shape's least-memory variant (the last
+    state choice: most recompute, ZeRO-1 where possible) is checked, most-sharded shapes first."""
+    rc, z = state_choices(cfg, options)[-1]
+    shapes = parallel_shapes(cfg, world, options, cluster)
+    shapes.sort(key=lambda s: -(s.tp * s.cp * s.pp * s.ep * s.etp))
+    for shape in shapes:
+        lay = dataclasses.replace(shape, recompute=rc, zero1=z)
+        try:
+            if not evaluate_memory_fits(cfg, lay, options, world, cluster):
+                continue
+            validate_plan_layout(cfg, lay, options, world)
+        except ValueError:  # ConfigError is a ValueError; so is a schedule that cannot run
+            continue
+        return True
+    return False
+
+
+def evaluate_memory_fits(cfg: Config, layout: PlanLayout, options: PlanOptions, world: int, cluster: Cluster) -> bool:
+    """Whether `layout`'s peak memory fits (no step time)."""
+    w = build_workload(cfg, layout, options, world)
+    return peak_memory(w, recipe_for(cfg, layout, options)).total <= cluster.usable_bytes
 
 
 def plan(cfg: Config, world: int, cluster: Cluster, options: PlanOptions, top: int = 5) -> tuple[list[Candidate], int]:

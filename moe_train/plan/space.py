@@ -22,6 +22,10 @@ from moe_train.parallel.layout import Layout, validate_layout
 RECOMPUTE_MODES = ("none", "selective", "full")
 DISPATCH_DTYPES = ("fp32", "bf16", "fp8")
 GEMM_PRECISIONS = ("fp32", "bf16", "fp8")
+CP_KEY = "parallel.cp"
+"""The trainer's context-parallel key (issue 14). Until it exists, plans search cp = 1 by default."""
+RECOMPUTE_KEY = "train.recompute"
+"""The trainer's activation-recompute key (issue 9). Until it exists, plans search recompute 'none' by default."""
 
 
 @dataclass(frozen=True)
@@ -155,14 +159,15 @@ class PlanOptions:
     """Context parallel K/V exchange: 'ring' (P2P, overlapped with attention) or 'allgather'."""
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     recompute_modes: tuple[str, ...] = RECOMPUTE_MODES
-    cp_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    cp_sizes: tuple[int, ...] = (1,)
+    """Context-parallel sizes searched; the CLI widens this only when the trainer has parallel.cp (issue 14)."""
     max_vpp: int = 8
 
 
 def options_from_config(cfg: Config, **overrides: typing.Any) -> PlanOptions:
     """PlanOptions for `cfg` (its seq_len, batch, precision), with any field overridden."""
     t = cfg.train
-    base = {
+    base: dict[str, typing.Any] = {
         "seq_len": t.seq_len,
         "global_batch_size": t.global_batch_size,
         "activation_bytes": 2.0 if t.precision == "bf16" else 4.0,
@@ -217,6 +222,16 @@ def balanced_split(num_layers: int, stages: int) -> tuple[int, ...] | None:
     for i in order[:extra]:
         counts[i] += 1
     return tuple(counts)
+
+
+def tail_split(num_layers: int, stages: int) -> tuple[int, ...] | None:
+    """Every virtual stage gets ceil(L / S) layers but the last, which holds the rest (it also runs the
+    head and the loss): DeepSeek-V3's published 'Et*4|(tttt|)*14tmL'. None when that is not a real split."""
+    full = -(-num_layers // stages)
+    last = num_layers - (stages - 1) * full
+    if stages < 2 or not 1 <= last < full:
+        return None
+    return (*[full] * (stages - 1), last)
 
 
 def layout_config(cfg: Config, layout: PlanLayout, options: PlanOptions) -> Config:
