@@ -334,3 +334,23 @@ def test_evaluate_without_fit_is_timed():
     cfg = load_config(OLMOE)
     cand = evaluate(cfg, PlanLayout(), PlanOptions(seq_len=4096, global_batch_size=1024), 1, get_cluster("h100-ib"))
     assert not cand.fits and cand.time is not None and cand.time.step > 0
+
+
+@pytest.mark.parametrize(
+    "preset,total,active",
+    [  # published totals / active: Mixtral (Mistral AI), Qwen2 (arXiv 2407.10671), Qwen3 (arXiv 2505.09388), DeepSeek-V3 671B / 37B
+        ("mixtral_8x22b", 140.6e9, 39.2e9),
+        ("qwen2_57b_a14b", 57.4e9, 14.2e9),
+        ("qwen3_235b_a22b", 235e9, 22e9),
+        ("deepseek_v3_standin", 671e9, 37e9),
+    ],
+)
+def test_validation_presets_match_published_sizes(preset, total, active):
+    """The planner's validation models have their published sizes. DeepSeek-V3's stand-in attention is
+    FLOP-matched MHA, not MLA (see the preset): +0.4% total and +9% active parameters."""
+    from moe_train.model import count_parameters
+
+    cfg = load_config(PRESETS / f"{preset}.yaml")
+    counts = count_parameters(cfg.model, cfg.moe)
+    assert counts.total == pytest.approx(total, rel=0.01)
+    assert counts.active == pytest.approx(active, rel=0.02 if preset != "deepseek_v3_standin" else 0.10)
