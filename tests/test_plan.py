@@ -102,6 +102,26 @@ def test_state_bytes_native_and_zero1():
     assert g1 == 4 * 1624  # no replicas, no bucket copy
 
 
+def test_deepspeed_zero2_and_offload_state():
+    from moe_train.plan.space import deepspeed_recipe
+
+    rp = RankParams(0, [0], (), tp_sharded=1000, replicated=24, expert=600, tied_copy=0)
+    w, g, m, o = state_bytes(rp, deepspeed_recipe(1, False), dp=4, edp=2)
+    shard = 1024 / 4 + 600 / 2
+    assert (w, g, m, o) == (4 * 1624, 4 * 1624, 4 * shard, 8 * shard)  # fixed-size buckets, not counted
+    _, g2, _, _ = state_bytes(rp, deepspeed_recipe(2, False), dp=4, edp=2)
+    assert g2 == 4 * shard  # ZeRO-2: gradients sharded too
+    _, _, m3, o3 = state_bytes(rp, deepspeed_recipe(2, True), dp=4, edp=2)
+    assert m3 == o3 == 0  # optimizer offload: master copy and moments in host memory
+
+
+def test_capacity_factor_bounds_the_receive_buffer():
+    cfg = load_config(None, [*SMALL, "moe.capacity_factor=1.5"])
+    w = build_workload(cfg, PlanLayout(ep=4, micro_batch_size=2), OPTS, 4)
+    assert w.received_rows_max() == 1.5 * 256 * 2  # capacity x balanced copies, below the dropless 4 x 512
+    assert _work(world=4, ep=4).received_rows_max() == 4 * 256 * 2
+
+
 def test_attention_and_ffn_activations_by_hand():
     w = _work()  # T = 2 * 128 = 256 tokens, tp 1
     T, a = 256, 2
