@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moe_train.plan.cluster import CLUSTERS
+
+if TYPE_CHECKING:
+    from moe_train.config import Config
+    from moe_train.plan.space import PlanOptions
 
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +44,7 @@ def _csv(text: str, cast: type, flag: str) -> tuple:
         raise PlanError(f"{flag} ({text!r}) must be a comma-separated list") from None
 
 
-def _options(cfg, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _options(cfg: Config, args: argparse.Namespace) -> PlanOptions:
     from moe_train.plan.search import PlanError
     from moe_train.plan.space import CP_KEY, RECOMPUTE_KEY, RECOMPUTE_MODES, config_has_key, options_from_config
 
