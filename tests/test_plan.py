@@ -208,6 +208,21 @@ def test_collective_times_by_hand():
     assert t == pytest.approx(max(0.7e9 / bw, 0.8e9 / (0.75 * 50e9)) + 10e-6)
 
 
+def test_context_parallel_exchange():
+    """cp 2 on one node: all-gather moves the other rank's K/V forward and backward, and reduce-scatters
+    their gradients (3 transfers); the ring hides its K/V exchange behind the attention core."""
+    h100 = get_cluster("h100-ib")
+    opts = dataclasses.replace(OPTS, cp_comm="allgather")
+    w = build_workload(_cfg(), PlanLayout(cp=2, micro_batch_size=2), opts, 2)
+    kv = 128 * 2 * 32 * 2  # T = 2 * 128 / 2 tokens, K and V of kv_dim 32, bf16
+    layers = 4
+    t = step_time(w, native_recipe(False), h100)
+    per_layer = 3 * ring_time(kv, Span(2, 1, 8), h100)
+    assert t.cp_comm == pytest.approx(w.num_micro * layers * per_layer)
+    ring = step_time(build_workload(_cfg(), PlanLayout(cp=2, micro_batch_size=2), OPTS, 2), native_recipe(False), h100)
+    assert 0 <= ring.cp_comm < t.cp_comm
+
+
 def test_gemm_efficiency_curve():
     h100, w = get_cluster("h100-ib"), _work()
     assert gemm_time(1e12, 128, w, h100) == pytest.approx(1e12 / (989e12 * 0.70 * 0.5))
