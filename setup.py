@@ -66,6 +66,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy>=1.24",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "megatron-core>=0.12"],

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from moe_train.analysis.routing import routing_summary
 from moe_train.config import Config, save_config, to_dict
 from moe_train.data import Batch, build_train_source, build_val_batches, validate_data
 from moe_train.model import build_model, flops_per_token
@@ -23,6 +24,7 @@ from moe_train.parallel.clip import clip_grad_norm_
 from moe_train.parallel.dist_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.layout import validate_layout
+from moe_train.parallel.load_balance import StepBalancer
 from moe_train.parallel.parallelize import parallelize
 from moe_train.train import checkpoint as ckpt
 from moe_train.train.metrics import MetricsWriter, format_progress, peak_flops
@@ -49,6 +51,8 @@ class StepResult:
     grad_norm: float
     domain_loss: dict[str, float] = field(default_factory=dict)
     expert_counts_LE: torch.Tensor | None = None
+    routing_counts_LDE: torch.Tensor | None = None
+    """Routed assignments per MoE layer, domain and expert of the step's global batch."""
 
 
 def _device() -> torch.device:
@@ -83,6 +87,7 @@ class Trainer:
         self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
         self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
         self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
+        self.balancer = StepBalancer(self.pmodel, cfg, len(self.source.domains))
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         if resume_path is not None:
             self._restore(resume_path)
@@ -141,6 +146,7 @@ class Trainer:
         step = self.state.step
         self.pmodel.train()
         batches = self.micro_batches(self.state.consumed_samples)
+        self.balancer.begin_step(batches, self.device, self._autocast())  # global LBL: the counting pass
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
         if self.pmodel.reducer is not None:
             self.pmodel.reducer.finish()
@@ -148,7 +154,10 @@ class Trainer:
         set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
+        routing_LDE = self.balancer.end_step(batches)  # routing counts; expert-bias update
+        result = self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
+        result.routing_counts_LDE = routing_LDE.cpu()
+        return result
 
     def _clip(self) -> float:
         """Global grad-norm clipping; each parameter counted once across every parallel group."""
@@ -222,7 +231,11 @@ class Trainer:
                 self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
                 times.append(time.perf_counter() - start)
                 records.append(self._record(self.state.step, result, times[-1]))
+                records[-1].update(routing_summary(result.routing_counts_LDE))
                 self.metrics.write_step(records[-1], result.expert_counts_LE)
+                every = self.cfg.log.routing_every
+                images = every > 0 and self.state.step % every == 0
+                self.metrics.write_routing(self.state.step, result.routing_counts_LDE, self.source.domains, images)
                 self._after_step(records[-1], times)
         finally:
             self.metrics.close()
