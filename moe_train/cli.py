@@ -34,9 +34,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="print parameter counts and FLOPs per token of a config")
+    p = sub.add_parser(
+        "inspect",
+        help="print parameter counts and FLOPs per token of a config; with RUN_DIR_OR_CHECKPOINT, analyse "
+        "how a saved model routes the held-out sets (per-layer domain x expert heatmaps, specialisation, "
+        "load imbalance)",
+    )
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("--out", help="routing analysis output directory (default <run dir>/inspect/<checkpoint>)")
+    p.add_argument("overrides", nargs="*", help="[RUN_DIR_OR_CHECKPOINT] then dotted overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,11 +83,28 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from moe_train.model import count_parameters, flops_per_token
 
+    targets = [a for a in args.overrides if "=" not in a]
+    if targets or args.out:
+        return _run_inspect_routing(args, targets)
     cfg = load_config(args.config, args.overrides)
     counts = count_parameters(cfg.model, cfg.moe)
     flops = flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
     print(f"parameters: total {counts.total:,} | active {counts.active:,} | embedding {counts.embedding:,}")
     print(f"training FLOPs per token (seq_len {cfg.train.seq_len}): {flops:,.0f}")
+    return 0
+
+
+def _run_inspect_routing(args: argparse.Namespace, targets: list[str]) -> int:
+    """`inspect RUN_DIR_OR_CHECKPOINT [overrides]`: moe_train.analysis.inspect."""
+    if len(targets) != 1 or args.config:
+        raise ConfigError(
+            f"inspect takes one RUN_DIR_OR_CHECKPOINT (got {targets or 'none'}) and no --config (the"
+            " checkpoint's own config is used; dotted overrides apply on top)"
+        )
+    from moe_train.analysis.inspect import format_report, inspect_routing
+
+    out_dir, report = inspect_routing(targets[0], [a for a in args.overrides if "=" in a], args.out)
+    print(format_report(out_dir, report))
     return 0
 
 
