@@ -34,17 +34,22 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
         "dp4_ep2": [*GLOBAL, "parallel.ep=2"],
         "dp2_tp2": [*GLOBAL, "parallel.tp=2"],
         "dp2_pp2": [*GLOBAL, "parallel.pp=2"],
+        "dp2_pp2_vpp2": [*GLOBAL, "parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b"],
         "tp2_pp2_ep2": [*GLOBAL, "parallel.tp=2", "parallel.pp=2", "parallel.ep=2"],
         "sequence_tp2_ep2": [*GLOBAL, "moe.lbl.scope=sequence", "parallel.tp=2", "parallel.ep=2"],
         "bias_tp2_ep2": [*GLOBAL, *BIAS, "parallel.tp=2", "parallel.ep=2"],
         "streaming_pp2": [*GLOBAL, "moe.lbl.global_mode=streaming", "parallel.pp=2"],
+        "streaming_tp2": [*GLOBAL, "moe.lbl.global_mode=streaming", "parallel.tp=2"],
     },
 }
 REFERENCE = {  # layout -> the one-process run it must equal (None: the dp2 run of the same mode)
     "sequence_tp2_ep2": [*GLOBAL, "moe.lbl.scope=sequence", "train.micro_batch_size=8"],
     "bias_tp2_ep2": [*GLOBAL, *BIAS, "train.micro_batch_size=8"],
 }
-STREAMING = {"streaming_pp2": "streaming_dp2"}  # same split (dp2 x 4): streaming must agree
+STREAMING = {
+    "streaming_pp2": "streaming_dp2",
+    "streaming_tp2": "streaming_dp2",
+}  # same split (dp2 x 4): streaming must agree
 """Streaming is not split-invariant (by design); with the same split, pp must not change it."""
 
 

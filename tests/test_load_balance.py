@@ -153,7 +153,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     cases = {
         "global_mbs8": [*GLOBAL, "train.micro_batch_size=8"],
         "global_mbs1": [*GLOBAL, "train.micro_batch_size=1"],
-        "global_mbs4": [*GLOBAL, "train.micro_batch_size=4"],
         "micro_mbs8": ["train.eval_every=0", "train.micro_batch_size=8"],
         "micro_mbs1": ["train.eval_every=0", "train.micro_batch_size=1"],
     }
@@ -175,8 +174,7 @@ def _differences(a: dict, b: dict) -> list[str]:
 
 def test_exact_global_lbl_is_invariant_to_the_micro_batch_size(runs: dict[str, dict]) -> None:
     assert len(runs["global_mbs8"]["records"]) == 5
-    for name in ("global_mbs1", "global_mbs4"):
-        assert not _differences(runs[name], runs["global_mbs8"]), name
+    assert not _differences(runs["global_mbs1"], runs["global_mbs8"])  # 8 micro-batches vs 1
 
 
 def test_twin_micro_batch_lbl_depends_on_the_micro_batch_size(runs: dict[str, dict]) -> None:

@@ -113,12 +113,13 @@ class StepBalancer:
 
     def __init__(self, pm: ParallelModel, cfg: Config, num_domains: int) -> None:
         self.pm, self.groups = pm, pm.groups
+        self.device = next(p for chunk in pm.chunks for p in chunk.parameters()).device
         self.layers = moe_layers(pm.chunks)
         self.first_moe = cfg.moe.first_k_dense
         self.num_moe = cfg.model.num_layers - cfg.moe.first_k_dense
         self.num_experts, self.num_domains = cfg.moe.num_experts, max(num_domains, 1)
         lbl = cfg.moe.lbl
-        self.exact = lbl.scope == "global" and lbl.global_mode == "exact" and lbl.coeff > 0
+        self.exact = lbl.scope == "global" and lbl.global_mode == "exact" and lbl.coeff > 0 and self.num_moe > 0
         self.bias_rate = cfg.moe.bias_update_rate
         self.count_mismatch = 0
         """Assignments the training forwards routed differently from the counting pass, last step."""
@@ -129,8 +130,10 @@ class StepBalancer:
         total = sum(b.tokens_BS.numel() for b in batches) * self.groups.dp_size
         for layer in self.layers.values():
             layer.balance.start_step(total, share)
-        if self.exact and self.layers:
-            counting_pass(self.pm, batches, device, autocast)
+        if not self.exact:
+            return
+        counting_pass(self.pm, batches, device, autocast)  # every pp rank: the stages pass activations on
+        if self.layers:  # the same on every rank of the stage, so the all-reduce is matched
             counted = [layer.balance.counted_E for layer in self.layers.values()]
             counts_LE = torch.stack([c for c in counted if c is not None])
             self.groups.all_reduce(counts_LE, "lbl")
@@ -142,15 +145,15 @@ class StepBalancer:
 
         Returns counts_LDE: assignments per MoE layer of the whole model, domain and expert, summed over
         every rank (equal on all ranks)."""
-        device = next(iter(self.layers.values())).router.gate.weight.device if self.layers else torch.device("cpu")
-        counts_LDE = torch.zeros(self.num_moe, self.num_domains, self.num_experts, dtype=torch.long, device=device)
-        domain_N = torch.cat([b.domain_B for b in batches]).to(device)
+        shape = (self.num_moe, self.num_domains, self.num_experts)
+        counts_LDE = torch.zeros(shape, dtype=torch.long, device=self.device)
+        domain_N = torch.cat([b.domain_B for b in batches]).to(self.device)
         self.count_mismatch = 0
         for layer_id, layer in self.layers.items():
             seq_counts = layer.balance.seq_counts
             if not seq_counts:
                 continue
-            counts_NE = torch.cat(seq_counts).to(device)
+            counts_NE = torch.cat(seq_counts).to(self.device)
             counts_LDE[layer_id - self.first_moe].index_add_(0, domain_N, counts_NE)
             self._check(layer_id, layer, counts_NE.sum(0))
         self.groups.all_reduce(counts_LDE, "grad_norm")

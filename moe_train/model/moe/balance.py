@@ -101,12 +101,6 @@ class LayerBalance(nn.Module):
         self.recording = False
         self.global_counts_E = self.seen_counts_E = None
 
-    def step_counts_E(self) -> torch.Tensor:
-        """This rank's local counts of the step's training forwards (zeros before any)."""
-        if not self.seq_counts:
-            return torch.zeros(self.num_experts, dtype=torch.long)
-        return torch.cat(self.seq_counts).sum(0)
-
     # -- per forward ----------------------------------------------------------------------------
 
     def observe(self, routing: Routing, batch_size: int) -> Routing:
@@ -119,7 +113,7 @@ class LayerBalance(nn.Module):
             return routing
         counts_BE = per_sequence_counts(routing.topk_idx_TK, batch_size, self.num_experts)
         if self.recording:
-            self.seq_counts.append(counts_BE.cpu())
+            self.seq_counts.append(counts_BE)
         if self.scope != "sequence":
             return routing
         if routing.probs_TE is None:
