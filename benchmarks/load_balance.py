@@ -5,9 +5,11 @@ data.mock) and train on the same batches; only moe.lbl.scope differs ('micro_bat
 with global_mode 'exact', whose step adds a no-grad counting pass over the micro-batches). Steps
 alternate between the two (the global one first on odd repetitions), so both see the same machine
 load; the table gives the median of the per-repetition ratios (global / micro step time) with their
-range, and the median time of the counting pass alone. Peak memory: each mode runs in a fresh
-process (`--memory`), whose peak resident set size (ru_maxrss) is reported; the counting pass keeps
-no autograd graph, so the peaks should agree.
+range, and the median time of the counting pass alone. Peak memory (`--memory`): each mode runs 3
+steps in a fresh process that samples glibc's live heap (mallinfo2: bytes in use, small and mmapped
+blocks; freed memory is not counted, unlike RSS) after every module's forward and backward; the
+table gives the peak over a step minus the live heap before it (activations, gradients and
+temporaries). The counting pass keeps no autograd graph, so the peaks should agree.
 
     .venv/bin/python benchmarks/load_balance.py                      # demo model, 2 and 8 micro-batches
     .venv/bin/python benchmarks/load_balance.py --micro 2 --steps 10 train.seq_len=128
@@ -16,8 +18,8 @@ no autograd graph, so the peaks should agree.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,11 +91,45 @@ def time_modes(config: str, micro: int, steps: int, overrides: list[str]) -> dic
     }
 
 
-def peak_rss(config: str, scope: str, micro: int, overrides: list[str]) -> float:
-    """Peak resident set size (MiB) of a fresh process training 3 steps in `scope`."""
-    cmd = [sys.executable, __file__, "--config", config, "--rss-child", scope, "--micro", str(micro), *overrides]
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def _live_heap_sampler() -> tuple[list[int], object]:
+    """A list that gets glibc's live heap bytes after every module forward / backward, and the libc."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    samples: list[int] = []
+
+    def sample(*_: object) -> None:
+        info = libc.mallinfo2()
+        samples.append(info.uordblks + info.hblkhd)
+
+    torch.nn.modules.module.register_module_forward_hook(sample)
+    torch.nn.modules.module.register_module_full_backward_hook(sample)
+    return samples, libc
+
+
+def step_heap_peak(config: str, scope: str, micro: int, overrides: list[str]) -> float:
+    """Peak live heap over a training step above the heap before it (MiB), in a fresh process."""
+    cmd = [sys.executable, __file__, "--config", config, "--heap-child", scope, "--micro", str(micro), *overrides]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+def _heap_child(config: str, scope: str, micro: int, overrides: list[str]) -> float:
+    trainer = _trainer(config, scope, [*overrides, f"train.micro_batch_size={micro}"])
+    _timed_step(trainer)  # warmup: optimizer state exists from here on
+    samples, libc = _live_heap_sampler()
+    peaks = []
+    for _ in range(2):
+        info = libc.mallinfo2()  # type: ignore[attr-defined]
+        before = info.uordblks + info.hblkhd
+        samples.clear()
+        _timed_step(trainer)
+        peaks.append(max(samples) - before)
+    return max(peaks) / 2**20
 
 
 def main() -> None:
@@ -101,18 +137,15 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
     parser.add_argument("--micro", type=int, nargs="+", default=[8, 2], help="micro-batch sizes to measure")
     parser.add_argument("--steps", type=int, default=8, help="timed repetitions per mode")
-    parser.add_argument("--memory", action="store_true", help="also measure peak RSS per mode (fresh processes)")
+    parser.add_argument("--memory", action="store_true", help="also measure the step's peak heap (fresh processes)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
-    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
+    parser.add_argument("--heap-child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.rss_child:
-        trainer = _trainer(args.config, args.rss_child, [*args.overrides, f"train.micro_batch_size={args.micro[0]}"])
-        for _ in range(3):
-            _timed_step(trainer)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if args.heap_child:
+        print(_heap_child(args.config, args.heap_child, args.micro[0], args.overrides))
         return
     rows = []
     print(
@@ -122,7 +155,7 @@ def main() -> None:
     for micro in args.micro:
         row = time_modes(args.config, micro, args.steps, args.overrides)
         if args.memory:
-            row["peak_rss_mib"] = {s: peak_rss(args.config, s, micro, args.overrides) for s in SCOPES}
+            row["step_heap_peak_mib"] = {s: step_heap_peak(args.config, s, micro, args.overrides) for s in SCOPES}
         rows.append(row)
         lo, hi = row["ratio_range"]
         print(
@@ -132,7 +165,7 @@ def main() -> None:
             flush=True,
         )
         if args.memory:
-            print(f"  peak RSS (MiB): {row['peak_rss_mib']}", flush=True)
+            print(f"  step heap peak above the heap before the step (MiB): {row['step_heap_peak_mib']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

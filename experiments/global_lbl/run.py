@@ -10,7 +10,8 @@ I(domain; expert) / H(domain), load imbalance = max/mean load, moe_train.analysi
     python experiments/global_lbl/run.py plot                              # PNGs + the README table
 
 Results go to experiments/global_lbl/results/<method>_s<seed>.json (a finished run is skipped when the
-command is run again); run directories to experiments/global_lbl/runs/ (git-ignored).
+command is run again; `--seeds 1` and `--seeds 2` may run side by side); run directories to
+experiments/global_lbl/runs/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -133,11 +134,14 @@ def train(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for method in args.methods:
             out = RESULTS / f"{method}_s{seed}.json"
-            if out.exists():
+            lock = out.with_suffix(".running")
+            if out.exists() or lock.exists():  # done, or another process trains it (e.g. seeds in parallel)
                 continue
+            lock.touch()
             logging.warning("training %s seed %d", method, seed)
             result = train_one(method, seed, args.data, args.steps, args.eval_every)
             out.write_text(json.dumps(result))
+            lock.unlink()
             logging.warning("%s seed %d done in %.0f s", method, seed, result["wall_s"])
 
 
