@@ -9,6 +9,7 @@ micro-batch size) is in test_load_balance.py. One process-group spawn per world 
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -42,10 +43,14 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
         "streaming_tp2": [*GLOBAL, "moe.lbl.global_mode=streaming", "parallel.tp=2"],
     },
 }
+if importlib.util.find_spec("deepspeed") is not None:  # a dev dependency; the DeepSpeed engine's step
+    DEEPSPEED = ["engine.name=deepspeed", 'engine.deepspeed_config={"zero_optimization": {"stage": 1}}']
+    LAYOUTS[4]["deepspeed_bias_dp4_ep2"] = [*GLOBAL, *BIAS, *DEEPSPEED, "parallel.ep=2"]
 REFERENCE = {  # layout -> the one-process run it must equal (None: the dp2 run of the same mode)
     "sequence_tp2_ep2": [*GLOBAL, "moe.lbl.scope=sequence", "train.micro_batch_size=8"],
     "bias_tp2_ep2": [*GLOBAL, *BIAS, "train.micro_batch_size=8"],
 }
+REFERENCE_OF = {"deepspeed_bias_dp4_ep2": "bias_tp2_ep2"}  # layouts that share a one-process run
 STREAMING = {
     "streaming_pp2": "streaming_dp2",
     "streaming_tp2": "streaming_dp2",
@@ -132,7 +137,7 @@ def test_exact_global_lbl_layouts_equal_the_one_process_whole_batch_run(runs, re
     for name, ranks in runs[0].items():
         if name.startswith("streaming"):
             continue
-        want = references.get(name, references["global"])
+        want = references.get(REFERENCE_OF.get(name, name), references["global"])
         assert len(want["lbl"]) == 5 and want["mismatches"] == [0] * 5
         errors = _differences(ranks[0], want)
         if any(r["mismatches"] != [0] * 5 for r in ranks):
@@ -163,6 +168,9 @@ def test_expert_bias_is_equal_on_every_rank_and_to_one_process(runs, references)
         assert set(result["biases"]) == set(want), rank
         for name, bias in result["biases"].items():
             assert torch.equal(bias, want[name]), (rank, name)
+    for rank, result in enumerate(runs[0].get("deepspeed_bias_dp4_ep2", [])):  # names carry the engine's prefix
+        got = {name.split("model.", 1)[-1]: bias for name, bias in result["biases"].items()}
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want), rank
 
 
 def _resume_single(runs, tmp_path: Path, zero_buffers: bool) -> dict:  # type: ignore[no-untyped-def]

@@ -98,8 +98,8 @@ def counting_pass(pm: ParallelModel, batches: list[Batch], device: torch.device,
         if pm.schedule is not None:
             pm.schedule.forward_layers(batches, device, autocast)
             return
-        (model,) = pm.chunks
-        assert isinstance(model, MoETransformer)
+        (chunk,) = pm.chunks  # the transformer, or an engine wrapping it (engine.name=deepspeed)
+        model = next(m for m in chunk.modules() if isinstance(m, MoETransformer))
         for batch in batches:
             with autocast if autocast is not None else nullcontext():
                 model.run_layers(model.embed(batch.tokens_BS.to(device)))

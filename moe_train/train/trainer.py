@@ -29,6 +29,7 @@ from moe_train.parallel.parallelize import parallelize
 from moe_train.train import checkpoint as ckpt
 from moe_train.train.metrics import MetricsWriter, format_progress, peak_flops
 from moe_train.train.optim import build_optimizer, set_lr
+from moe_train.train.progress import ProgressBar
 from moe_train.train.schedule import lr_at
 from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
 from moe_train.utils.logging import get_logger
@@ -85,8 +86,14 @@ class Trainer:
         self.device = _device()
         self.source = build_train_source(cfg)
         self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
-        self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
-        self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
+        self.deepspeed = cfg.engine.name == "deepspeed"
+        if self.deepspeed:  # reduction, clipping and the update run inside DeepSpeed's engine
+            from moe_train.train.deepspeed_engine import build_deepspeed
+
+            self.pmodel, self.optimizer = build_deepspeed(build_model(cfg).to(self.device), self.groups, cfg)
+        else:
+            self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
+            self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.balancer = StepBalancer(self.pmodel, cfg, len(self.source.domains))
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         if resume_path is not None:
@@ -147,13 +154,18 @@ class Trainer:
         self.pmodel.train()
         batches = self.micro_batches(self.state.consumed_samples)
         self.balancer.begin_step(batches, self.device, self._autocast())  # global LBL: the counting pass
+        if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
+            set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
-        if self.pmodel.reducer is not None:
-            self.pmodel.reducer.finish()
-        grad_norm = self._clip()
-        set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.deepspeed:
+            grad_norm = self.optimizer.grad_norm()
+        else:
+            if self.pmodel.reducer is not None:
+                self.pmodel.reducer.finish()
+            grad_norm = self._clip()
+            set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         routing_LDE = self.balancer.end_step(batches)  # routing counts; expert-bias update
         result = self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
         result.routing_counts_LDE = routing_LDE.cpu()
@@ -224,6 +236,7 @@ class Trainer:
         t = self.cfg.train
         records: list[dict[str, Any]] = []
         times: list[float] = []
+        self.progress = ProgressBar(t.max_steps, self.state.step, self.cfg.log.progress_bar, self.is_main)
         try:
             while self.state.step < t.max_steps:
                 start = time.perf_counter()
@@ -238,14 +251,16 @@ class Trainer:
                 self.metrics.write_routing(self.state.step, result.routing_counts_LDE, self.source.domains, images)
                 self._after_step(records[-1], times)
         finally:
+            self.progress.close()
             self.metrics.close()
         return records
 
     def _after_step(self, record: dict[str, Any], times: list[float]) -> None:
         """Console progress, periodic validation and checkpoints."""
         t, step = self.cfg.train, self.state.step
+        eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
+        self.progress.update(record, eta)
         if step % t.log_every == 0 or step == t.max_steps or step == 1:
-            eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
             log.info(format_progress(record, t.max_steps, eta))
         if self.val_batches and self._should(t.eval_every, step):
             losses = self.evaluate()
