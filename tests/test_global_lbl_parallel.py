@@ -3,7 +3,8 @@ expert bias and the per-domain routing counts under parallelism; a reshard resum
 
 The same global batch (8 sequences) as dp1 x 8 micro-batches, dp2 x 4 and dp4 x 2, with ep2, tp2 and
 pp2 on top: identical LBL per step and parameters after 5 steps (fp32, rtol 1e-5) to the one-process
-run with the whole batch as one micro-batch. The twin (micro-batch scope is not invariant to the
+run with the whole batch as one micro-batch; also under engine.name=deepspeed (ZeRO-1, dp4 x ep2, with
+the expert bias) when DeepSpeed is installed. The twin (micro-batch scope is not invariant to the
 micro-batch size) is in test_load_balance.py. One process-group spawn per world size.
 """
 
