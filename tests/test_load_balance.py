@@ -241,6 +241,19 @@ def test_bias_and_streaming_state_are_checkpointed_and_resume_bitwise(stateful_r
     assert all(torch.equal(v, _buffers(trainer)[k]) for k, v in buffers.items())
 
 
+def test_load_model_and_export_see_the_buffers(stateful_run) -> None:  # type: ignore[no-untyped-def]
+    """load_model restores the expert bias and streaming state; HF export refuses a biased router."""
+    from moe_train import load_model
+    from moe_train.interop.hf_mapping import InteropError, check_exportable
+
+    full_dir, _, buffers = stateful_run
+    model = load_model(full_dir)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
+    check_exportable(load_config(None, []), "mixtral")
+    with pytest.raises(InteropError, match=r"^moe.bias_update_rate \(0.01\) has no Hugging Face equivalent"):
+        check_exportable(load_config(None, ["moe.bias_update_rate=0.01"]), "mixtral")
+
+
 def test_twin_resume_without_the_buffers_differs(stateful_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     full_dir, records, _ = stateful_run
     trainer = _resume(full_dir, tmp_path)
