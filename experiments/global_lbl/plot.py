@@ -96,12 +96,14 @@ def plot_heatmaps(runs: dict, out: Path) -> None:
         for i in range(num_layers):
             ax = axes[i][j]
             shares = domain_shares(torch.tensor(last["counts"][i])).numpy()
-            ax.imshow(shares, cmap="viridis", aspect="auto", vmin=0, vmax=0.6)
+            image = ax.imshow(shares, cmap="viridis", aspect="auto", vmin=0, vmax=0.6)
             ax.set_yticks(range(len(domains)), labels=domains, fontsize=7)
             ax.set_xticks(range(shares.shape[1]))
             ax.tick_params(labelsize=7)
             ax.set_title(f"{LABELS[method]}, layer {i}: spec {last['specialisation'][i]:.3f}", fontsize=8)
+        axes[-1][j].set_xlabel("expert", fontsize=8)
     fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.6, label="share of the domain's assignments")
     fig.savefig(out / "heatmaps.png", dpi=110)
     plt.close(fig)
 

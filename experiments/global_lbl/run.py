@@ -6,7 +6,7 @@ Same model, data order and token budget for every method; seeds vary the initial
 order. Every run evaluates per-domain validation loss and the held-out routing (specialisation =
 I(domain; expert) / H(domain), load imbalance = max/mean load, moe_train.analysis.routing).
 
-    python experiments/global_lbl/run.py train --data data_cache/demo2k   # ~70 min on 2 shared cores
+    python experiments/global_lbl/run.py train --data data_cache/demo2k   # 6 runs, 22-62 min each on 2 shared cores
     python experiments/global_lbl/run.py plot                              # PNGs + the README table
 
 Results go to experiments/global_lbl/results/<method>_s<seed>.json (a finished run is skipped when the
