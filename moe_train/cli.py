@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from moe_train.config import ConfigError, load_config
 
@@ -38,10 +39,14 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "inspect", help="print parameter counts and FLOPs per token of a config; RUN_DIR: plot its data mixture"
+        "inspect",
+        help="print parameter counts and FLOPs per token of a config; with RUN_DIR_OR_CHECKPOINT, analyse "
+        "how a saved model routes the held-out sets (per-layer domain x expert heatmaps, specialisation, "
+        "load imbalance) and, for a run directory, plot its data mixture over training (RUN_DIR/mixture.png)",
     )
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, or a run directory (writes RUN_DIR/mixture.png)")
+    p.add_argument("--out", help="routing analysis output directory (default <run dir>/inspect/<checkpoint>)")
+    p.add_argument("overrides", nargs="*", help="[RUN_DIR_OR_CHECKPOINT] then dotted overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,21 +104,37 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from moe_train.model import count_parameters, flops_per_token
 
-    if args.overrides and Path(args.overrides[0]).is_dir():  # `moe-train inspect RUN_DIR`: data mixture plot
-        from moe_train.data.report import write_mixture_report
-
-        print(f"wrote {write_mixture_report(args.overrides[0])}")
-        return 0
-
+    targets = [a for a in args.overrides if "=" not in a]
+    if targets or args.out:
+        return _run_inspect_routing(args, targets)
     cfg = load_config(args.config, args.overrides)
     counts = count_parameters(cfg.model, cfg.moe)
     flops = flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
     print(f"parameters: total {counts.total:,} | active {counts.active:,} | embedding {counts.embedding:,}")
     print(f"training FLOPs per token (seq_len {cfg.train.seq_len}): {flops:,.0f}")
+    return 0
+
+
+def _run_inspect_routing(args: argparse.Namespace, targets: list[str]) -> int:
+    """`inspect RUN_DIR_OR_CHECKPOINT [overrides]`: moe_train.analysis.inspect."""
+    if len(targets) != 1 or args.config:
+        raise ConfigError(
+            f"inspect takes one RUN_DIR_OR_CHECKPOINT (got {targets or 'none'}) and no --config (the"
+            " checkpoint's own config is used; dotted overrides apply on top)"
+        )
+    from moe_train.data.report import has_mixture_records, write_mixture_report
+
+    target = Path(targets[0])
+    mixture = has_mixture_records(target)
+    if not mixture or (target / "checkpoints").is_dir() or args.out:
+        from moe_train.analysis.inspect import format_report, inspect_routing
+
+        out_dir, report = inspect_routing(targets[0], [a for a in args.overrides if "=" in a], args.out)
+        print(format_report(out_dir, report))
+    if mixture:
+        print(f"wrote {write_mixture_report(target)}")
     return 0
 
 

@@ -65,7 +65,14 @@ class LBLConfig:
     coeff: float = 0.01
     """Weight of the load-balancing loss (averaged over MoE layers) in the total loss; 0 disables it."""
     scope: str = "micro_batch"
-    """Over which tokens f_i and p_i are counted: 'micro_batch' (the tokens of one forward on one rank)."""
+    """Over which tokens f_i and p_i are counted: 'micro_batch' (one forward of one DP replica, all its
+    sequence-parallel shards), 'sequence' (per sequence, averaged over sequences; DeepSeek-V2/V3) or
+    'global' (f_i over the optimizer step's whole global batch; arXiv 2501.11873). See docs/load_balancing.md."""
+    global_mode: str = "exact"
+    """How scope 'global' learns the step's counts: 'exact' (a no-grad counting pass over the step's
+    micro-batches first; gradients equal the one-process whole-batch LBL), 'streaming' (counts of this
+    step so far plus last step's for the rest; no extra pass) or 'running_mean' (Megatron-Core's
+    global_aux_loss: counts of this step so far)."""
 
 
 @dataclass
@@ -96,6 +103,10 @@ class MoEConfig:
     """Load-balancing loss settings."""
     zloss_coeff: float = 0.0
     """Weight of the router z-loss (ST-MoE, arXiv 2202.08906), averaged over MoE layers; 0 disables it."""
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3, arXiv 2412.19437): > 0 adds a per-expert bias to the scores
+    used for top-k selection only, updated after each optimizer step by rate * sign(mean load - load_i)
+    from the step's global counts; 0 disables it. Combinable with any moe.lbl scope (or moe.lbl.coeff 0)."""
 
 
 @dataclass
@@ -287,6 +298,9 @@ class LogConfig:
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device, MFU's denominator; null means a table for known GPUs or, on CPU, a
     matmul probe cached per machine in ~/.cache/moe_train/peak_flops.json."""
+    routing_every: int = 0
+    """Write domain x expert routing heatmaps of the training batches to TensorBoard every this many
+    steps (counts are reduced every step and logged as scalars); 0 disables the images."""
     progress_bar: str = "auto"
     """Progress bar with ETA on rank 0: 'auto' (when stderr is a terminal), 'always' or 'never'."""
 
@@ -547,10 +561,13 @@ def _validate_model(cfg: Config) -> None:
     )
     _require(moe.lbl.coeff >= 0, f"moe.lbl.coeff ({moe.lbl.coeff}) must be >= 0")
     _one_of(cfg, "moe.lbl.scope", LBL_SCOPES)
+    _one_of(cfg, "moe.lbl.global_mode", LBL_GLOBAL_MODES)
+    _require(moe.bias_update_rate >= 0, f"moe.bias_update_rate ({moe.bias_update_rate}) must be >= 0")
     _require(moe.zloss_coeff >= 0, f"moe.zloss_coeff ({moe.zloss_coeff}) must be >= 0")
 
 
-LBL_SCOPES: tuple[str, ...] = ("micro_batch",)
+LBL_SCOPES: tuple[str, ...] = ("micro_batch", "sequence", "global")
+LBL_GLOBAL_MODES: tuple[str, ...] = ("exact", "streaming", "running_mean")
 
 
 def _validate_train(cfg: Config) -> None:
@@ -578,6 +595,7 @@ def _validate_train(cfg: Config) -> None:
     _one_of(cfg, "log.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     if cfg.log.peak_tflops is not None:
         _positive(cfg, "log.peak_tflops")
+    _require(cfg.log.routing_every >= 0, f"log.routing_every ({cfg.log.routing_every}) must be >= 0")
     _one_of(cfg, "log.progress_bar", ("auto", "always", "never"))
     _require(bool(cfg.run.dir), "run.dir must not be empty")
 

@@ -46,15 +46,14 @@ def test_tensorboard_reader_finds_every_documented_tag(tmp_path: Path) -> None:
 
     tags = documented_tags((REPO / "README.md").read_text())
     assert {"train/loss", "train/lbl", "val/<domain>", "expert_load/layerN_max_over_mean"} <= set(tags)
-    cfg = load_config(
-        None, [*BASE, "log.tensorboard=true", "train.max_steps=2", "train.eval_every=2", f"run.dir={tmp_path}"]
-    )
+    run = ["log.tensorboard=true", "train.max_steps=2", "train.eval_every=2", "log.routing_every=2"]
+    cfg = load_config(None, [*BASE, *run, f"run.dir={tmp_path}"])
     Trainer(cfg).fit()
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
-    reader = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    reader = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     reader.Reload()
-    found = set(reader.Tags()["scalars"]) | set(reader.Tags()["histograms"])
+    found = set(reader.Tags()["scalars"]) | set(reader.Tags()["histograms"]) | set(reader.Tags()["images"])
     moe_layers = cfg.model.num_layers - cfg.moe.first_k_dense
     wanted = [t for tag in tags for t in expand(tag, ["mock"], moe_layers)]
     assert [t for t in wanted if t not in found] == []

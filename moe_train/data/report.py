@@ -28,6 +28,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def has_mixture_records(run_dir: Path) -> bool:
+    """Whether run_dir is a run directory whose metrics.jsonl records the data mixture."""
+    return (run_dir / "metrics.jsonl").is_file() and any("mixture_target" in r for r in read_metrics(run_dir))
+
+
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], dict[str, list[float]]]:
     rows = [r for r in records if key in r]
     names = list(rows[0][key]) if rows else []

@@ -47,8 +47,10 @@ def checkpoint_config(checkpoint: Path) -> Config:
 
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Copy canonical tensors into a single-device model; every parameter must be there, shapes equal."""
-    params = dict(model.named_parameters())
+    """Copy canonical tensors into a single-device model; every parameter and persistent buffer (e.g. the
+    expert bias of moe.bias_update_rate) must be there, shapes equal."""
+    persistent = set(model.state_dict())
+    params = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n in persistent}
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:

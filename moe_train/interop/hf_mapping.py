@@ -61,6 +61,8 @@ def check_exportable(cfg: Config, arch: str) -> None:
         _refuse("moe.score_func", moe.score_func, "their routers use softmax")
     if moe.capacity_factor is not None:
         _refuse("moe.capacity_factor", moe.capacity_factor, "their MoE layers are dropless")
+    if moe.bias_update_rate > 0:
+        _refuse("moe.bias_update_rate", moe.bias_update_rate, "their routers have no expert-selection bias")
     want_norm = {"qwen3_moe": "head", "mixtral": None, "olmoe": "full"}[arch]
     have_norm = m.qk_norm_scope if m.qk_norm else None
     if have_norm != want_norm:

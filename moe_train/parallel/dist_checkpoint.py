@@ -1,7 +1,9 @@
 """Layout-independent sharded checkpoints: save under one parallel layout, resume under any other.
 
 Every tensor is stored under its canonical key (`model/<canonical name>`, `optim/<canonical name>/
-exp_avg`, `.../exp_avg_sq`, `.../step`) as chunks of the canonical (single-device) tensor:
+exp_avg`, `.../exp_avg_sq`, `.../step`) as chunks of the canonical (single-device) tensor. `model/`
+holds the trainable parameters and the persistent buffers (model state outside autograd, e.g. the
+routers' expert bias), placed and resharded alike through their ParamMeta:
 
     <dir>/shard_<rank>.pt    {key: this rank's chunk}     (only unique copies: rank 0 of every
                                                             replicated kind of the parameter)
@@ -31,10 +33,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from moe_train.parallel.data_parallel import NamedParam, ParamsLike, named_params_with_meta
+from moe_train.parallel.data_parallel import ParamsLike, named_params_with_meta
 from moe_train.parallel.groups import ProcessGroups
-from moe_train.parallel.param_meta import Box, owns_unique_copy, shard_box
+from moe_train.parallel.param_meta import Box, ParamMeta, named_buffers_with_meta, owns_unique_copy, shard_box
 from moe_train.parallel.zero import STATE_KEYS, load_optimizer_local_state, optimizer_local_state
 from moe_train.train.checkpoint import (
     TMP_PREFIX,
@@ -51,6 +54,8 @@ from moe_train.utils.logging import get_logger
 log = get_logger(__name__)
 
 INDEX = "index.json"
+NamedTensor = tuple[str, torch.Tensor, ParamMeta]
+"""(local name, parameter or persistent buffer, its placement)."""
 FORMAT = "moe_train.dist_checkpoint/1"
 
 
@@ -75,8 +80,17 @@ def _save_file(obj: Any, path: Path) -> None:
 # -- save --------------------------------------------------------------------------------------
 
 
+def _model_entries(model: ParamsLike) -> list[NamedTensor]:
+    """Trainable parameters, then the persistent buffers of the module(s), each with its ParamMeta."""
+    entries: list[NamedTensor] = list(named_params_with_meta(model))
+    modules = [model] if isinstance(model, nn.Module) else list(model)
+    if all(isinstance(m, nn.Module) for m in modules):
+        entries += named_buffers_with_meta([m for m in modules if isinstance(m, nn.Module)])
+    return entries
+
+
 def _local_chunks(
-    entries: list[NamedParam], optim_state: dict[str, dict[str, torch.Tensor]], groups: ProcessGroups
+    entries: list[NamedTensor], optim_state: dict[str, dict[str, torch.Tensor]], groups: ProcessGroups
 ) -> dict[str, tuple[torch.Tensor, list[int], Box]]:
     """{key: (tensor, canonical shape, box)} of the unique chunks this rank writes."""
     chunks: dict[str, tuple[torch.Tensor, list[int], Box]] = {}
@@ -140,7 +154,7 @@ def save_distributed_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(groups)
-    entries = named_params_with_meta(model)  # first: gives parameters without metadata the default
+    entries = _model_entries(model)  # first: gives parameters without metadata the default
     optim_state = optimizer_local_state(optimizer) if optimizer is not None else {}  # collective under ZeRO
     chunks = _local_chunks(entries, optim_state, groups)
     name = f"shard_{groups.rank:05d}"
@@ -230,7 +244,7 @@ def load_distributed_checkpoint(
     Optimizer hyperparameters stay those of `optimizer` (they come from the config and the schedule).
     """
     reader = _Reader(Path(path))
-    entries = named_params_with_meta(model)
+    entries = _model_entries(model)
     optim_state: dict[str, dict[str, torch.Tensor]] = {}
     for _, param, meta in entries:
         box, shape, name = shard_box(meta, groups), list(meta.canonical_shape), meta.canonical_name

@@ -67,24 +67,38 @@ def sum_counts(counts_E: torch.Tensor, group: Group) -> torch.Tensor:
 def reduce_routing_stats(routing: Routing, group: Group) -> Routing:
     """The aux-loss statistics of `routing` summed over the equal-size token shards held by `group`.
 
-    counts and prob_sum are sums, num_tokens * size, z_loss the mean over all shards' tokens. The
-    differentiable parts go through `reduce_from_region` (forward sum, backward identity): every rank
-    holds the same aux loss, and its gradient reaches each rank's own router through its own tokens.
+    counts and prob_sum are sums, num_tokens * size, z_loss the mean over all shards' tokens; the
+    per-sequence statistics of the sequence scope (when present) are summed likewise, since the shards
+    are pieces of the same sequences. The differentiable parts go through `reduce_from_region`
+    (forward sum, backward identity): every rank holds the same aux loss, and its gradient reaches each
+    rank's own router through its own tokens.
     """
     size = group_size(group)
     if size == 1:
         return routing
     num_experts = routing.prob_sum_E.shape[-1]
-    packed = torch.cat([routing.prob_sum_E, (routing.z_loss * routing.num_tokens).reshape(1)])
-    packed = reduce_from_region(packed, group)
+    seq_counts_BE, seq_prob_sum_BE = routing.seq_counts_BE, routing.seq_prob_sum_BE
+    per_seq = seq_counts_BE is not None and seq_prob_sum_BE is not None
+    parts = [routing.prob_sum_E, (routing.z_loss * routing.num_tokens).reshape(1)]
+    counts = [routing.tokens_per_expert_E]
+    if seq_counts_BE is not None and seq_prob_sum_BE is not None:
+        parts.append(seq_prob_sum_BE.flatten())
+        counts.append(seq_counts_BE.flatten())
+    packed = reduce_from_region(torch.cat(parts), group)
+    counts_packed = sum_counts(torch.cat(counts), group)
     total_tokens = routing.num_tokens * size
-    return dataclasses.replace(
+    reduced = dataclasses.replace(
         routing,
-        tokens_per_expert_E=sum_counts(routing.tokens_per_expert_E, group),
+        tokens_per_expert_E=counts_packed[:num_experts],
         prob_sum_E=packed[:num_experts],
         num_tokens=total_tokens,
         z_loss=packed[num_experts] / total_tokens,
     )
+    if per_seq and seq_counts_BE is not None:
+        reduced.seq_prob_sum_BE = packed[num_experts + 1 :].view(seq_counts_BE.shape)
+        reduced.seq_counts_BE = counts_packed[num_experts:].view(seq_counts_BE.shape)
+        reduced.seq_len = routing.seq_len * size
+    return reduced
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """`parallelize(model, groups, cfg)`: the one place where parallelism is applied to the single-device model.
 
-Order (torchtitan style): tensor + sequence parallel → expert (+ expert-tensor) parallel → pipeline
-stages → data-parallel gradient reduction. Every piece slices the full model, built identically on
+Order (torchtitan style): tensor + sequence parallel → expert (+ expert-tensor) parallel → the
+load-balancing count reduction over the ``lbl`` group → pipeline stages → data-parallel gradient
+reduction. Every piece slices the full model, built identically on
 every rank from `train.seed`, so each shard starts from exactly the single-device initialisation.
 Each piece is skipped when its size is 1, so a single process gets the model back unchanged.
 """
@@ -70,6 +71,10 @@ def shard_model(model: nn.Module, groups: ProcessGroups, cfg: Config) -> Paralle
         from moe_train.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, groups)
+    if groups.size("lbl") > 1:
+        from moe_train.parallel.load_balance import apply_load_balance_groups
+
+        apply_load_balance_groups(model, groups)
     chunks: list[nn.Module] = [model]
     schedule = None
     if groups.pp_size > 1:

@@ -14,6 +14,9 @@ parallelism, gradient clipping and layout-independent checkpoints then need, for
   only on rank 0 of each such group, so every parameter is counted exactly once.
 
 Parameters without metadata are dense, unsharded, replicated over "dp", grads summed over "dp".
+Persistent buffers (model state outside autograd, e.g. the routers' expert bias) get the same
+metadata so that checkpoints store and reshard them like parameters; one without metadata is
+replicated on every rank of its pipeline stage (over "dp" and "tp").
 """
 
 from __future__ import annotations
@@ -65,6 +68,28 @@ def ensure_meta(model: nn.Module, prefix: str = "") -> dict[str, ParamMeta]:
             set_meta(param, meta)
         metas[name] = meta
     return metas
+
+
+BUFFER_REPLICATED: tuple[str, ...] = ("dp", "tp")
+"""Default placement of a persistent buffer: the same on every rank of its pipeline stage."""
+
+
+def named_buffers_with_meta(modules: nn.Module | list[nn.Module]) -> list[tuple[str, torch.Tensor, ParamMeta]]:
+    """(local name, buffer, meta) of every persistent buffer of a module or of pipeline chunks; buffers
+    without metadata get the stage-replicated default, named by their local (= canonical) name."""
+    out = []
+    for module in modules if isinstance(modules, list) else [modules]:
+        for prefix, sub in module.named_modules():
+            for key, buf in sub._buffers.items():
+                if buf is None or key in sub._non_persistent_buffers_set:
+                    continue
+                name = f"{prefix}.{key}" if prefix else key
+                meta = get_meta(buf)
+                if meta is None:
+                    meta = ParamMeta(name, tuple(buf.shape), [], (), BUFFER_REPLICATED)
+                    set_meta(buf, meta)
+                out.append((name, buf, meta))
+    return out
 
 
 def shard_slice(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:

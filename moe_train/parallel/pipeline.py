@@ -430,6 +430,33 @@ class PipelineSchedule:
         dist.all_reduce(loss, group=self.groups.pp)
         return loss
 
+    @torch.no_grad()
+    def forward_layers(
+        self,
+        micro_batches: Sequence[MicroBatch],
+        device: torch.device | None = None,
+        autocast: AbstractContextManager | None = None,
+    ) -> None:
+        """No-grad forward of every micro-batch through every transformer block, pipelined, without the
+        head (for what the blocks record, e.g. the global LBL's counting pass). Each rank runs its
+        (micro-batch, chunk) pairs in micro-batch-major order with blocking send / recv: that order is a
+        topological order of the data dependencies, so no rank waits on one that waits on it."""
+        device = device or self.device
+        me, pp = self.groups.pp_rank, self.groups.pp_size
+        ranks = self.groups.ranks["pp"]
+        for mb in micro_batches:
+            tokens_BS = _unpack(mb, device)[0]
+            for c in range(me, self.num_chunks, pp):
+                x = tokens_BS
+                if c > 0:
+                    x = torch.empty(self._activation_shape(tokens_BS), dtype=self.dtype, device=self.device)
+                    dist.recv(x, ranks[(c - 1) % pp], group=self.groups.pp)
+                chunk = self.chunks[c // pp]
+                with autocast if autocast is not None else contextlib.nullcontext():
+                    h_BSH = chunk.run_layers(chunk.embed(x))
+                if c < self.num_chunks - 1:
+                    dist.send(h_BSH.to(self.dtype).contiguous(), ranks[(c + 1) % pp], group=self.groups.pp)
+
     def _new_state(self, num_micro: int, num_domains: int) -> _StepState:
         num_moe = len(self.moe_index)
         lbl_LM = torch.zeros(num_moe, num_micro, dtype=torch.float32, device=self.device)

@@ -74,6 +74,14 @@ class MetricsWriter:
             self.tb.add_scalar(f"expert_load/layer{layer}_max_over_mean", float(share_E.max() * len(share_E)), step)
             self.tb.add_histogram(f"expert_load/layer{layer}", share_E, step)
 
+    def write_routing(self, step: int, counts_LDE: torch.Tensor | None, domains: list[str], images: bool) -> None:
+        """Domain x expert routing of the step (moe_train.analysis.routing): scalars, histograms, heatmaps."""
+        if self.tb is None or counts_LDE is None:
+            return
+        from moe_train.analysis.routing import write_tensorboard
+
+        write_tensorboard(self.tb, int(step), counts_LDE, domains, images)
+
     def write_eval(self, step: int, losses: dict[str, float]) -> None:
         if not self.enabled:
             return

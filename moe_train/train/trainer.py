@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from moe_train.analysis.routing import routing_summary
 from moe_train.config import Config, save_config, to_dict
 from moe_train.data import Batch, build_val_batches, validate_data
 from moe_train.data.loader import TrainData
@@ -26,6 +27,7 @@ from moe_train.parallel.clip import clip_grad_norm_
 from moe_train.parallel.dist_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.layout import validate_layout
+from moe_train.parallel.load_balance import StepBalancer
 from moe_train.parallel.parallelize import parallelize
 from moe_train.train import checkpoint as ckpt
 from moe_train.train import data_hooks
@@ -55,6 +57,8 @@ class StepResult:
     grad_norm: float
     domain_loss: dict[str, float] = field(default_factory=dict)
     expert_counts_LE: torch.Tensor | None = None
+    routing_counts_LDE: torch.Tensor | None = None
+    """Routed assignments per MoE layer, domain and expert of the step's global batch."""
 
 
 def _device() -> torch.device:
@@ -97,6 +101,7 @@ class Trainer:
         else:
             self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
             self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
+        self.balancer = StepBalancer(self.pmodel, cfg, len(self.source.domains))
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         self._data_state: dict[str, Any] | None = None
         if resume_path is not None:
@@ -161,20 +166,22 @@ class Trainer:
         step = self.state.step
         self.pmodel.train()
         batches = self.micro_batches(self.state.consumed_samples)
+        self.balancer.begin_step(batches, self.device, self._autocast())  # global LBL: the counting pass
         if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
             set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
         if self.deepspeed:
-            result = self._result(reduce_step_stats(stats, self.groups, self.device), self.optimizer.grad_norm())
-            data_hooks.observe_step(self, step, stats)
-            return result
-        if self.pmodel.reducer is not None:
-            self.pmodel.reducer.finish()
-        grad_norm = self._clip()
-        set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self.optimizer.grad_norm()
+        else:
+            if self.pmodel.reducer is not None:
+                self.pmodel.reducer.finish()
+            grad_norm = self._clip()
+            set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        routing_LDE = self.balancer.end_step(batches)  # routing counts; expert-bias update
         result = self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
+        result.routing_counts_LDE = routing_LDE.cpu()
         data_hooks.observe_step(self, step, stats)
         return result
 
@@ -254,7 +261,11 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 self.eta.add_step(elapsed)
                 records.append(self._record(self.state.step, result, elapsed) | self.data.record())
+                records[-1].update(routing_summary(result.routing_counts_LDE))
                 self.metrics.write_step(records[-1], result.expert_counts_LE)
+                every = self.cfg.log.routing_every
+                images = every > 0 and self.state.step % every == 0
+                self.metrics.write_routing(self.state.step, result.routing_counts_LDE, self.source.domains, images)
                 self._after_step(records[-1])
         finally:
             self.progress.close()

@@ -13,9 +13,10 @@ from torch import nn
 
 from moe_train.config import MoEConfig
 from moe_train.model.mlp import FeedForward
+from moe_train.model.moe.balance import LayerBalance
 from moe_train.model.moe.dispatcher import TokenDispatcher
 from moe_train.model.moe.experts import GroupedExperts
-from moe_train.model.moe.losses import AttachAuxLoss, load_balancing_loss
+from moe_train.model.moe.losses import AttachAuxLoss
 from moe_train.model.moe.router import Routing, TopKRouter
 
 RoutingStatsReducer = Callable[[Routing], Routing]
@@ -49,7 +50,8 @@ class MoELayer(nn.Module):
     `aux_loss_scale` (set it for the whole model with `set_aux_loss_scale`).
 
     `stats_reducer` (None on one device) lets parallel code widen the token set of the aux-loss
-    statistics (and of `last_stats`) without touching the routing or the dispatch.
+    statistics (and of `last_stats`) without touching the routing or the dispatch. `balance`
+    (moe_train.model.moe.balance) holds the LBL scope and its per-step state.
     """
 
     def __init__(self, hidden_size: int, moe_cfg: MoEConfig, num_moe_layers: int, layer_id: int = 0) -> None:
@@ -60,8 +62,14 @@ class MoELayer(nn.Module):
         self.zloss_coeff = moe_cfg.zloss_coeff / num_moe_layers
         self.aux_loss_scale = 1.0
         self.router = TopKRouter(
-            hidden_size, moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.score_func, moe_cfg.norm_topk_prob
+            hidden_size,
+            moe_cfg.num_experts,
+            moe_cfg.top_k,
+            moe_cfg.score_func,
+            moe_cfg.norm_topk_prob,
+            expert_bias=moe_cfg.bias_update_rate > 0,
         )
+        self.balance = LayerBalance(moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.lbl.scope, moe_cfg.lbl.global_mode)
         self.dispatcher = TokenDispatcher(moe_cfg.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
         self.experts = GroupedExperts(moe_cfg.num_experts, hidden_size, moe_cfg.expert_ffn_hidden_size)
         shared = shared_ffn_size(moe_cfg)
@@ -79,14 +87,17 @@ class MoELayer(nn.Module):
         y_TH = self.dispatcher.combine(y_sorted_NH, ctx)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
-        y_TH = self._attach_aux_loss(y_TH, routing)
+        y_TH = self._attach_aux_loss(y_TH, routing, B)
         return y_TH.view(B, S, H)
 
-    def _attach_aux_loss(self, y_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _attach_aux_loss(self, y_TH: torch.Tensor, routing: Routing, batch_size: int) -> torch.Tensor:
         """Compute the aux losses, record stats, and hook the weighted sum onto y's backward."""
+        local = routing = self.balance.observe(routing, batch_size)
+        if self.balance.counting:
+            return y_TH
         if self.stats_reducer is not None:
             routing = self.stats_reducer(routing)
-        lbl = load_balancing_loss(routing.tokens_per_expert_E, routing.prob_sum_E, routing.num_tokens, self.top_k)
+        lbl = self.balance.loss(local, routing)
         self.last_stats = MoEStats(lbl.detach(), routing.z_loss.detach(), routing.tokens_per_expert_E)
         if not torch.is_grad_enabled() or (self.lbl_coeff == 0 and self.zloss_coeff == 0):
             return y_TH

@@ -32,13 +32,35 @@ class Routing:
     """T."""
     z_loss: torch.Tensor
     """Router z-loss of these tokens (fp32 scalar, with grad)."""
+    probs_TE: torch.Tensor | None = None
+    """Per-token router probabilities the LBL's p_i averages (fp32, with grad; rows sum to 1)."""
+    seq_counts_BE: torch.Tensor | None = None
+    """Sequence scope: assignments per sequence and expert (detached int64); None otherwise."""
+    seq_prob_sum_BE: torch.Tensor | None = None
+    """Sequence scope: per sequence, the sum over its tokens of each expert's probability (with grad)."""
+    seq_len: int = 0
+    """Sequence scope: tokens of each sequence that these statistics cover."""
 
 
 class TopKRouter(nn.Module):
-    """Gate (nn.Linear H->E, no bias, applied in fp32) -> softmax/sigmoid scores -> top-k."""
+    """Gate (nn.Linear H->E, no bias, applied in fp32) -> softmax/sigmoid scores -> top-k.
+
+    With `expert_bias` (aux-loss-free balancing, DeepSeek-V3 arXiv 2412.19437) a persistent buffer
+    `expert_bias_E` is added to the scores that choose the top-k experts only; the combine weights and
+    the LBL's probabilities use the unbiased scores. The bias is trained outside autograd
+    (moe_train.model.moe.balance.update_expert_bias).
+    """
+
+    expert_bias_E: torch.Tensor | None
 
     def __init__(
-        self, hidden_size: int, num_experts: int, top_k: int, score_func: str = "softmax", norm_topk_prob: bool = True
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        score_func: str = "softmax",
+        norm_topk_prob: bool = True,
+        expert_bias: bool = False,
     ) -> None:
         super().__init__()
         if score_func not in ("softmax", "sigmoid"):
@@ -47,6 +69,7 @@ class TopKRouter(nn.Module):
         self.score_func = score_func
         self.norm_topk_prob = norm_topk_prob
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.register_buffer("expert_bias_E", torch.zeros(num_experts) if expert_bias else None)
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         """Route T tokens; all math in fp32, also under bf16 autocast."""
@@ -58,7 +81,7 @@ class TopKRouter(nn.Module):
             else:
                 scores_TE = logits_TE.sigmoid()
                 probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-            topk_score_TK, topk_idx_TK = scores_TE.topk(self.top_k, dim=-1)
+            topk_score_TK, topk_idx_TK = self._select(scores_TE)
             topk_weight_TK = topk_score_TK
             if self.norm_topk_prob:
                 topk_weight_TK = topk_score_TK / topk_score_TK.sum(dim=-1, keepdim=True)
@@ -71,4 +94,12 @@ class TopKRouter(nn.Module):
                 prob_sum_E=probs_TE.sum(dim=0),
                 num_tokens=x_TH.shape[0],
                 z_loss=router_z_loss(logits_TE),
+                probs_TE=probs_TE,
             )
+
+    def _select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, expert ids) of each token's top-k: by score, or by score + expert bias when set."""
+        if self.expert_bias_E is None:
+            return scores_TE.topk(self.top_k, dim=-1)
+        topk_idx_TK = (scores_TE.detach() + self.expert_bias_E.float()).topk(self.top_k, dim=-1).indices
+        return scores_TE.gather(-1, topk_idx_TK), topk_idx_TK
