@@ -56,6 +56,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trainer]:
     trainer.routing = []  # type: ignore[attr-defined]
     step = trainer.train_step
     trainer.train_step = lambda: trainer.routing.append(r := step()) or r  # type: ignore[attr-defined, method-assign, func-returns-value]
+    trainer.batches = []  # type: ignore[attr-defined]
+    draw = trainer.micro_batches  # the sampler hands out each step's batches once, in order: keep them
+    trainer.micro_batches = lambda first: trainer.batches.append(b := draw(first)) or b  # type: ignore[attr-defined, method-assign, func-returns-value]
     trainer.fit()
     return run, trainer
 
@@ -66,10 +69,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_step_counts_follow_the_domains_of_the_batch(run_dir: tuple[Path, Trainer]) -> None:
     run, trainer = run_dir
+    assert len(trainer.batches) == len(trainer.routing) > 0  # type: ignore[attr-defined]
     for step, result in enumerate(trainer.routing):  # type: ignore[attr-defined]
         counts_LDE = result.routing_counts_LDE
         assert counts_LDE.shape == (2, 4, 4)
-        batches = trainer.micro_batches(step * 8)
+        batches = trainer.batches[step]  # type: ignore[attr-defined]
         per_domain = torch.bincount(torch.cat([b.domain_B for b in batches]), minlength=4)
         for counts_DE in counts_LDE:  # every layer: each domain's sequences x 32 tokens x top-2
             assert counts_DE.sum(1).tolist() == (per_domain * 32 * 2).tolist()
