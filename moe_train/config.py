@@ -66,6 +66,19 @@ class LBLConfig:
 
 
 @dataclass
+class MoEDispatchConfig:
+    """Token dispatch (permute -> [all-to-all] -> experts -> [all-to-all] -> combine) kernels and wire format."""
+
+    backend: str = "auto"
+    """Dispatch kernels: 'auto' (the C++/CUDA extension for the tensors' device when built, else PyTorch),
+    'cuda', 'cpu' (the extension, an error when it is not built) or 'torch' (the pure-PyTorch reference)."""
+    dtype: str = "fp32"
+    """Dtype of the dispatched token rows on the wire: 'fp32', 'bf16' or 'fp8' (E4M3 with one fp32 scale per
+    token per 128 channels; a hidden size that is not a multiple of 128 gets a shorter last block). Experts
+    receive them back in the activation dtype; the combine and all gradients travel unquantised."""
+
+
+@dataclass
 class MoEConfig:
     """Mixture-of-Experts feed-forward layers."""
 
@@ -93,6 +106,8 @@ class MoEConfig:
     """Load-balancing loss settings."""
     zloss_coeff: float = 0.0
     """Weight of the router z-loss (ST-MoE, arXiv 2202.08906), averaged over MoE layers; 0 disables it."""
+    dispatch: MoEDispatchConfig = field(default_factory=MoEDispatchConfig)
+    """Token dispatch kernels and wire dtype."""
 
 
 @dataclass
@@ -429,6 +444,8 @@ def _validate_model(cfg: Config) -> None:
         _positive(cfg, "moe.shared_expert_ffn_hidden_size")
     _one_of(cfg, "moe.score_func", ("softmax", "sigmoid"))
     _one_of(cfg, "moe.drop_policy", ("probs", "position"))
+    _one_of(cfg, "moe.dispatch.backend", ("auto", "cuda", "cpu", "torch"))
+    _one_of(cfg, "moe.dispatch.dtype", ("fp32", "bf16", "fp8"))
     if moe.capacity_factor is not None:
         _positive(cfg, "moe.capacity_factor")
     _require(

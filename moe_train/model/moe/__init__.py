@@ -1,6 +1,12 @@
 """Mixture-of-Experts pieces: router, losses, dispatcher, grouped experts, layer."""
 
-from moe_train.model.moe.dispatcher import DispatchContext, TokenDispatcher, expert_capacity, sort_assignments
+from moe_train.model.moe.dispatcher import (
+    DispatchContext,
+    TokenDispatcher,
+    drop_over_capacity,
+    expert_capacity,
+    sort_assignments,
+)
 from moe_train.model.moe.experts import GroupedExperts
 from moe_train.model.moe.layer import MoELayer, MoEStats, RoutingStatsReducer, shared_ffn_size
 from moe_train.model.moe.losses import AttachAuxLoss, load_balancing_loss, router_z_loss
@@ -16,6 +22,7 @@ __all__ = [
     "RoutingStatsReducer",
     "TokenDispatcher",
     "TopKRouter",
+    "drop_over_capacity",
     "expert_capacity",
     "load_balancing_loss",
     "router_z_loss",

@@ -62,7 +62,7 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(
             hidden_size, moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.score_func, moe_cfg.norm_topk_prob
         )
-        self.dispatcher = TokenDispatcher(moe_cfg.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
+        self.dispatcher = TokenDispatcher.from_config(moe_cfg)
         self.experts = GroupedExperts(moe_cfg.num_experts, hidden_size, moe_cfg.expert_ffn_hidden_size)
         shared = shared_ffn_size(moe_cfg)
         self.shared_experts = FeedForward(hidden_size, shared) if shared > 0 else None
