@@ -193,7 +193,9 @@ def test_cpu_fp8_special_values_match_reference(dtype: torch.dtype) -> None:
 def test_property_cpu_kernels(T: int, K: int, extra_experts: int, H: int, drop: float, bf16: bool, seed: int) -> None:
     E = K + extra_experts
     idx_TK = _routing(T, K, E, seed, drop)
-    x_TH = torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16 if bf16 else torch.float32)
+    x_TH = torch.randn(T, H, generator=torch.Generator().manual_seed(seed)).to(
+        torch.bfloat16 if bf16 else torch.float32
+    )
     _check_all_ops(x_TH, idx_TK, E, seed)
     result = permute(x_TH, idx_TK, E, backend="cpu")
     # grouped by expert, token order within an expert, every kept assignment exactly once

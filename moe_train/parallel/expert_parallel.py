@@ -263,9 +263,7 @@ class AllToAllDispatcher(TokenDispatcher):
         row_map_TK, counts_E, num_rows = self.route(routing)
         recv_counts_RL, send_splits, recv_splits = self.exchange_counts(counts_E.view(self.ep_size, -1))
         exchange = AllToAllExchange(send_splits, recv_splits, self.ep_group)
-        x_recv_NH = dispatch_rows(
-            x_TH, row_map_TK, num_rows, wire=self.dtype, exchange=exchange, backend=self.backend
-        )
+        x_recv_NH = dispatch_rows(x_TH, row_map_TK, num_rows, wire=self.dtype, exchange=exchange, backend=self.backend)
         counts_SL = all_gather_dim(recv_counts_RL, 0, self.etp_group)  # (etp rank, ep rank) sources
         etp_rows = counts_SL.view(self.etp_size, -1).sum(1).tolist()
         x_recv_NH = gather_rows(x_recv_NH, etp_rows, self.etp_group)
