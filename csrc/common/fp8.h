@@ -27,28 +27,21 @@ constexpr uint32_t kInfBits = 0x7F800000u;
 constexpr uint32_t kCanonicalNaNBits = 0x7FC00000u;
 constexpr uint8_t kE4M3NaN = 0x7F;
 
-// Round-to-nearest-even conversion of a float with saturation to +-448; NaN -> 0x7F.
+// Round-to-nearest-even conversion of a float with saturation to +-448; NaN -> 0x7F. Branch-free (the
+// CPU loops vectorise): E4M3 normals drop 20 mantissa bits with an integer round-half-even and rebias the
+// exponent (127 -> 7); E4M3 denormals (|f| < 2^-6) come from adding 2^14, whose fp32 ulp is the E4M3
+// denormal step 2^-9, so the float addition rounds |f| to a multiple of it (m = 8 is the smallest normal).
 MOE_HD inline uint8_t float_to_e4m3(float f) {
   const uint32_t u = float_bits(f);
-  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
+  const uint32_t sign = (u >> 24) & 0x80u;
   const uint32_t a = u & 0x7FFFFFFFu;
-  if (a > kInfBits) return kE4M3NaN;
-  if (a >= kE4M3MaxBits) return static_cast<uint8_t>(sign | 0x7Eu);  // saturate (also +-Inf)
-  if (a >= 0x3C800000u) {  // |f| >= 2^-6: E4M3 normal; drop 20 mantissa bits, rebias 127 -> 7
-    const uint32_t odd = (a >> 20) & 1u;
-    const uint32_t r = a - (120u << 23) + 0x7FFFFu + odd;
-    return static_cast<uint8_t>(sign | (r >> 20));
-  }
-  // E4M3 denormal range: m = rne(|f| * 2^9) in [0, 8] (8 is the smallest normal, 0x08).
-  const uint32_t exp = a >> 23;
-  if (exp < 117u) return sign;  // |f| < 2^-10: rounds to zero (fp32 denormals included)
-  const uint32_t sig = (a & 0x7FFFFFu) | 0x800000u;
-  const uint32_t shift = 141u - exp;  // 21..24
-  uint32_t q = sig >> shift;
-  const uint32_t rem = sig & ((1u << shift) - 1u);
-  const uint32_t half = 1u << (shift - 1u);
-  if (rem > half || (rem == half && (q & 1u))) ++q;
-  return static_cast<uint8_t>(sign | q);
+  const uint32_t normal = (a - (120u << 23) + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
+  const uint32_t denormal = float_bits(add_rn(bits_float(a), 16384.0f)) - 0x46800000u;  // 0x46800000 = 2^14
+  uint32_t r = a < 0x3C800000u ? denormal : normal;                                     // 0x3C800000 = 2^-6
+  r = a >= kE4M3MaxBits ? 0x7Eu : r;                                                    // saturate (also Inf)
+  r |= sign;
+  r = a > kInfBits ? static_cast<uint32_t>(kE4M3NaN) : r;
+  return static_cast<uint8_t>(r);
 }
 
 // Exact E4M3 -> float (NaN -> the canonical quiet NaN).

@@ -17,9 +17,13 @@
 namespace moe_train {
 namespace {
 
+// The row map is a few integer passes over A assignments: below this many chunks one thread is faster
+// than waking a team (and, on a loaded machine, than waiting for a descheduled one at the barrier).
+constexpr int64_t kParallelChunks = 4096;
+
 // Phase 1: per-chunk histograms hist[e][c] of kept assignments.
 void chunk_histograms(const int64_t* expert_A, int64_t A, int64_t E, int64_t C, int64_t* hist_EC) {
-#pragma omp parallel
+#pragma omp parallel if (C >= kParallelChunks)
   {
     std::vector<int64_t> cnt(E);
 #pragma omp for schedule(static)
@@ -36,7 +40,7 @@ void chunk_histograms(const int64_t* expert_A, int64_t A, int64_t E, int64_t C, 
 
 // Phases 2 and 3: hist becomes each chunk's exclusive base within its expert; counts and offsets.
 void scan_histograms(int64_t* hist_EC, int64_t E, int64_t C, int64_t* counts_E, int64_t* offsets_E) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (C >= kParallelChunks)
   for (int64_t e = 0; e < E; ++e) {
     int64_t run = 0;
     for (int64_t c = 0; c < C; ++c) {
@@ -56,7 +60,7 @@ void scan_histograms(int64_t* hist_EC, int64_t E, int64_t C, int64_t* counts_E, 
 // Phase 4: the row of every assignment.
 void assign_rows(const int64_t* expert_A, int64_t A, int64_t E, int64_t C, const int64_t* base_EC,
                  const int64_t* offsets_E, int64_t* row_map_A) {
-#pragma omp parallel
+#pragma omp parallel if (C >= kParallelChunks)
   {
     std::vector<int64_t> rank(E);
 #pragma omp for schedule(static)
@@ -104,7 +108,11 @@ void permute_fp8_kernel(const T* x_TH, const int64_t* row_map_TK, int64_t T_, in
       uint32_t amax = 0;
       for (int64_t i = 0; i < n; ++i) amax = amax_bits_update(amax, Elem<T>::load(src[h0 + i]));
       const float s = block_scale(amax);
-      for (int64_t i = 0; i < n; ++i) q[i] = quantize_e4m3(Elem<T>::load(src[h0 + i]), s);
+      if (s != s) {  // non-finite block: all NaN (quantize_e4m3's rule, hoisted out of the loop)
+        std::memset(q, kE4M3NaN, n);
+      } else {
+        for (int64_t i = 0; i < n; ++i) q[i] = float_to_e4m3(div_rn(Elem<T>::load(src[h0 + i]), s));
+      }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t r = row_map_TK[t * K + k];
         if (r < 0) continue;
