@@ -18,10 +18,12 @@ repetitions alternate the contenders (rotating which goes first); times are medi
 
 On CPU every contender returns a fresh tensor of up to 2 GiB, and glibc serves allocations above 32 MiB
 with a new mmap each time, so page faults (not the op) would dominate every contender except the copy
-into a preallocated buffer. The script therefore re-executes itself with GLIBC_TUNABLES that keep freed
-memory in the heap (what the CUDA caching allocator does on a GPU); --fresh-pages measures without.
+into a preallocated buffer. The script therefore runs each (shape, dtype) in a child process with
+GLIBC_TUNABLES that keep freed memory in the heap (what the CUDA caching allocator does on a GPU);
+--fresh-pages measures without. Results go to a JSON-lines file, one line per (shape, dtype), and a
+rerun skips the ones already there.
 
-    .venv/bin/python benchmarks/dispatch.py                   # the full grid on CPU, 5 repetitions
+    .venv/bin/python benchmarks/dispatch.py --results d.jsonl # the full grid on CPU, 5 repetitions
     .venv/bin/python benchmarks/dispatch.py --quick           # T=4096, H=1024 only
     .venv/bin/python benchmarks/dispatch.py --device cuda --json dispatch.json
 """
@@ -36,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -172,7 +175,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
         "load_average_start": os.getloadavg(),
@@ -207,43 +209,85 @@ def summarize(rows: list[Row]) -> None:
         )
 
 
+def _config_key(T: int, H: int, K: int, E: int, dtype: str) -> str:
+    return f"{T},{H},{K},{E},{dtype}"
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """Child process: one (shape, dtype), appended to the results file as one JSON line."""
+    T, H, K, E, name = args.one.split(",")
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    rows = run_shape((int(T), int(H), int(K), int(E)), dtype, args.repeats, device)
+    line = {"key": args.one, "load_average": os.getloadavg(), "rows": [asdict(r) for r in rows]}
+    with open(args.results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(f"# done {args.one}: " + ", ".join(f"{r.op} ours/mcore {r.ratio('ours', 'mcore'):.2f}x" for r in rows))
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    """One child per (shape, dtype), so a config's memory is returned before the next; configs already
+    in the results file are skipped (resume)."""
+    grid = dict(GRID, T=(4096,), H=(1024,)) if args.quick else GRID
+    done = set()
+    if Path(args.results).exists():
+        done = {json.loads(line)["key"] for line in Path(args.results).read_text().splitlines() if line}
+    env = dict(os.environ)
+    if args.device == "cpu" and not args.fresh_pages:
+        env["GLIBC_TUNABLES"] = REUSE_MEMORY
+    for T, H, K, E in itertools.product(grid["T"], grid["H"], grid["K"], grid["E"]):
+        for name in args.dtypes.split(","):
+            key = _config_key(T, H, K, E, name)
+            if key in done:
+                continue
+            cmd = [sys.executable, __file__, "--one", key, "--results", args.results]
+            cmd += ["--device", args.device, "--repeats", str(args.repeats)]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            proc = subprocess.run(cmd, env=env)
+            if proc.returncode != 0:
+                print(f"# FAILED {key} (exit code {proc.returncode})", flush=True)
+
+
+def report(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    lines = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line]
+    rows = [Row(**r) for line in lines for r in line["rows"]]
+    loads = [line["load_average"][0] for line in lines]
+    info["load_average_end"] = os.getloadavg()
+    print(
+        f"# load average (1 min) over the configs: {min(loads):.1f}-{max(loads):.1f}, median {statistics.median(loads):.1f}"
+    )
+    print_table(rows)
+    summarize(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="only T=4096, H=1024")
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--json", help="write the rows and the machine to this file")
+    parser.add_argument("--results", default="dispatch_results.jsonl", help="per-config results (resumable)")
+    parser.add_argument("--json", help="write all rows and the machine to this file at the end")
     parser.add_argument("--threads", type=int, help="torch / OpenMP threads (default: torch's)")
     parser.add_argument("--fresh-pages", action="store_true", help="CPU: do not keep freed memory (see above)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child: "T,H,K,E,dtype"
     args = parser.parse_args()
-    if args.device == "cpu" and not args.fresh_pages and os.environ.get("GLIBC_TUNABLES") != REUSE_MEMORY:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": REUSE_MEMORY})
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     built = HAS_CUDA_EXTENSION if device.type == "cuda" else HAS_EXTENSION
     if not built:
         raise SystemExit(f"the {args.device} extension is not built: 'ours' would be the reference")
+    if args.one:
+        run_one(args)
+        return
     info = machine_info(device)
-    print(f"# {json.dumps(info)}")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    grid = dict(GRID, T=(4096,), H=(1024,)) if args.quick else GRID
-    rows: list[Row] = []
-    for T, H, K, E in itertools.product(grid["T"], grid["H"], grid["K"], grid["E"]):
-        for name in args.dtypes.split(","):
-            rows += run_shape((T, H, K, E), dtypes[name], args.repeats, device)
-            r = rows[-3:]
-            print(
-                f"# done T={T} H={H} K={K} E={E} {name}: "
-                + ", ".join(f"{x.op} {x.ratio('ours', 'mcore'):.2f}x" for x in r)
-            )
-    info["load_average_end"] = os.getloadavg()
-    print(f"# load average at the end {info['load_average_end']}")
-    print_table(rows)
-    summarize(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    info["glibc_tunables"] = None if args.device != "cpu" or args.fresh_pages else REUSE_MEMORY
+    print(f"# {json.dumps(info)}", flush=True)
+    run_grid(args)
+    report(args, info)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ def num_blocks(hidden: int) -> int:
 
 
 def _blocks(x_RH: torch.Tensor) -> torch.Tensor:
-    """x as fp32 [R, G, 128], the last block zero-padded."""
+    """x as fp32 [R, G, 128] (a view when H is a multiple of 128, else a zero-padded copy)."""
     R, H = x_RH.shape
     G = num_blocks(H)
+    if H == G * BLOCK:
+        return x_RH.float().view(R, G, BLOCK)
     padded = torch.zeros(R, G * BLOCK, dtype=torch.float32, device=x_RH.device)
     padded[:, :H] = x_RH.float()
     return padded.view(R, G, BLOCK)
@@ -44,14 +46,14 @@ def quantize_fp8_reference(x_RH: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """x_RH (any float dtype) -> (q_RH float8_e4m3fn, scales_RG fp32)."""
     R, H = x_RH.shape
     x_RGB = _blocks(x_RH)
-    amax_bits_RG = (x_RGB.view(torch.int32) & 0x7FFFFFFF).amax(dim=-1)
-    nonfinite_RG = amax_bits_RG >= 0x7F800000
-    scale_RG = amax_bits_RG.view(torch.float32) / FP8_MAX
+    amax_RG = x_RGB.abs().amax(dim=-1)  # NaN if the block holds one, Inf if it holds an Inf
+    nonfinite_RG = ~torch.isfinite(amax_RG)
+    scale_RG = amax_RG / FP8_MAX
     scale_RG = torch.where(scale_RG == 0, torch.ones_like(scale_RG), scale_RG)
     scale_RG = torch.where(nonfinite_RG, torch.full_like(scale_RG, float("nan")), scale_RG)
-    q_RGB = (x_RGB / scale_RG.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(torch.uint8)
-    q_RGB = torch.where(nonfinite_RG.unsqueeze(-1), torch.full_like(q_RGB, NAN_BYTE), q_RGB)
-    q_RH = q_RGB.reshape(R, x_RGB.shape[1] * BLOCK)[:, :H].contiguous()
+    q_RGB = (x_RGB / scale_RG.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(torch.uint8)
+    q_RGB.masked_fill_(nonfinite_RG.unsqueeze(-1), NAN_BYTE)
+    q_RH = q_RGB.view(R, x_RGB.shape[1] * BLOCK)[:, :H].contiguous()
     return q_RH.view(FP8_DTYPE), scale_RG
 
 
