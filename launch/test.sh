@@ -10,7 +10,7 @@ bash launch/nvcc_check.sh || exit 1
 .venv/bin/ruff check moe_train tests benchmarks setup.py || exit 1
 .venv/bin/ruff format --check moe_train tests benchmarks setup.py || exit 1
 .venv/bin/mypy moe_train || exit 1
-MOE_TRAIN_REQUIRE_EXT=1 .venv/bin/python -m pytest -q tests "$@"
+MOE_TRAIN_REQUIRE_EXT=1 .venv/bin/python -m pytest -q -rs tests "$@"
 rc=$?
 if [[ $rc -eq 5 ]]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
 exit $rc

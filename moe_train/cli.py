@@ -1,4 +1,4 @@
-"""`moe-train` command line: train | data | inspect.
+"""`moe-train` command line: train | data | inspect | export | import.
 
 Every user error (config, data, checkpoint, run directory) ends as one line on stderr naming what is
 wrong and where, with exit status 2; nothing is written before the inputs are validated.
@@ -14,10 +14,11 @@ from moe_train.config import ConfigError, load_config
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moe_train.data import DataError
+    from moe_train.interop.hf_mapping import InteropError
     from moe_train.train.checkpoint import CheckpointError
     from moe_train.train.trainer import RunDirError
 
-    return (ConfigError, DataError, CheckpointError, RunDirError, OSError)
+    return (ConfigError, DataError, CheckpointError, RunDirError, InteropError, OSError)
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,13 +42,30 @@ def _add_inspect_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from moe_train.data.cli import add_data_parser
+    from moe_train.interop.cli import add_interop_parsers
 
     parser = argparse.ArgumentParser(prog="moe-train", description="Pretrain Mixture-of-Experts language models.")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher (as $LOCAL_RANK)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     add_data_parser(sub)
     _add_inspect_parser(sub)
+    add_interop_parsers(sub)
     return parser
+
+
+def _apply_local_rank(local_rank: int | None) -> None:
+    """The deepspeed launcher passes --local_rank and sets LOCAL_RANK; they must agree."""
+    import os
+
+    if local_rank is None:
+        return
+    env = os.environ.get("LOCAL_RANK")
+    if env is not None and env != str(local_rank):
+        raise ConfigError(f"--local_rank ({local_rank}) differs from the environment's LOCAL_RANK ({env})")
+    os.environ["LOCAL_RANK"] = str(local_rank)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -88,10 +106,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _apply_local_rank(args.local_rank)
         if args.command == "train":
             return _run_train(args)
         if args.command == "inspect":
             return _run_inspect(args)
+        if args.command in ("export", "import"):
+            from moe_train.interop.cli import run_interop
+
+            return run_interop(args)
         from moe_train.data.cli import run_data
 
         return run_data(args)

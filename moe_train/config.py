@@ -48,7 +48,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     """Epsilon of RMSNorm."""
     qk_norm: bool = False
-    """Apply RMSNorm per head to queries and keys (Qwen3 / OLMoE style)."""
+    """Apply RMSNorm to queries and keys before RoPE (see model.qk_norm_scope)."""
+    qk_norm_scope: str = "head"
+    """With model.qk_norm: 'head' normalises each head over head_dim (Qwen3), 'full' the whole q / k
+    projection over num_heads * head_dim (OLMoE)."""
     tie_embeddings: bool = False
     """Share the input embedding and output projection weights."""
     init_std: float = 0.02
@@ -213,7 +216,8 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep this many most recent checkpoints."""
     resume: str | None = None
-    """'latest' (newest checkpoint in <run.dir>/checkpoints), a checkpoint path, or null for a fresh run."""
+    """'latest' (newest checkpoint in <run.dir>/checkpoints), 'auto' (the newest if there is one, else a fresh
+    run: for requeued jobs), a checkpoint path, or null for a fresh run."""
 
 
 @dataclass
@@ -224,6 +228,20 @@ class LogConfig:
     """Write TensorBoard event files to <run.dir>/tb."""
     level: str = "INFO"
     """Python logging level."""
+    progress_bar: str = "auto"
+    """Progress bar with ETA on rank 0: 'auto' (when stderr is a terminal), 'always' or 'never'."""
+
+
+@dataclass
+class EngineConfig:
+    """Which engine runs the optimizer step (moe_train/train/deepspeed_engine.py for DeepSpeed)."""
+
+    name: str = "native"
+    """'native' (moe_train's gradient reduction, ZeRO-1 and clipping) or 'deepspeed' (deepspeed.initialize
+    with ZeRO stage 1/2 from engine.deepspeed_config; data x expert parallel layouts only)."""
+    deepspeed_config: str | dict[str, Any] | None = None
+    """For engine.name=deepspeed: a ds_config as a path (.json / .yaml) or an inline mapping. Batch sizes and
+    gradient_clipping are filled in from train.* / optim.*; values that contradict them are errors."""
 
 
 @dataclass
@@ -256,6 +274,8 @@ class Config:
     """Checkpoints."""
     log: LogConfig = field(default_factory=LogConfig)
     """Logging."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Training engine."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory."""
 
@@ -286,6 +306,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{path} ({value!r}) must be {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} ({value!r}) must be a mapping")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -442,6 +466,7 @@ def _validate_model(cfg: Config) -> None:
     _require(moe.num_shared_experts >= 0, f"moe.num_shared_experts ({moe.num_shared_experts}) must be >= 0")
     if moe.shared_expert_ffn_hidden_size is not None:
         _positive(cfg, "moe.shared_expert_ffn_hidden_size")
+    _one_of(cfg, "model.qk_norm_scope", ("head", "full"))
     _one_of(cfg, "moe.score_func", ("softmax", "sigmoid"))
     _one_of(cfg, "moe.drop_policy", ("probs", "position"))
     _one_of(cfg, "moe.dispatch.backend", ("auto", "cuda", "cpu", "torch"))
@@ -481,6 +506,7 @@ def _validate_train(cfg: Config) -> None:
     _require(c.every >= 0, f"checkpoint.every ({c.every}) must be >= 0")
     _require(c.keep_last >= 1, f"checkpoint.keep_last ({c.keep_last}) must be >= 1")
     _one_of(cfg, "log.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _one_of(cfg, "log.progress_bar", ("auto", "always", "never"))
     _require(bool(cfg.run.dir), "run.dir must not be empty")
 
 
@@ -507,6 +533,10 @@ def _validate_parallel_single(cfg: Config) -> None:
     _one_of(cfg, "parallel.pp_schedule", ("1f1b", "interleaved_1f1b"))
     _one_of(cfg, "parallel.backend", ("auto", "nccl", "gloo"))
     _require(
+        not (cfg.model.qk_norm and cfg.model.qk_norm_scope == "full" and p.tp > 1),
+        f"model.qk_norm_scope ('full') cannot be combined with parallel.tp ({p.tp}) > 1 (the norm spans every head)",
+    )
+    _require(
         cfg.moe.num_experts % p.ep == 0,
         f"moe.num_experts ({cfg.moe.num_experts}) is not divisible by parallel.ep ({p.ep})",
     )
@@ -518,6 +548,17 @@ def validate(cfg: Config) -> None:
     _validate_train(cfg)
     _validate_data(cfg)
     _validate_parallel_single(cfg)
+    _validate_engine(cfg)
+
+
+def _validate_engine(cfg: Config) -> None:
+    _one_of(cfg, "engine.name", ("native", "deepspeed"))
+    if cfg.engine.name == "deepspeed":
+        from moe_train.engine_config import check_deepspeed_config
+
+        check_deepspeed_config(cfg)
+    elif cfg.engine.deepspeed_config is not None:
+        raise ConfigError("engine.deepspeed_config is set but engine.name is 'native'; set engine.name=deepspeed")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ PRESETS = Path(__file__).resolve().parent.parent / "configs" / "presets"
 CASES = [
     ("mixtral_8x7b", 46.7e9, 12.9e9, 0.01, 46_702_792_704),
     ("qwen3_30b_a3b", 30.5e9, 3.3e9, 0.02, 30_532_122_624),
-    # OLMoE's qk-norm spans the whole q/k projection (2 * 2048 weights per layer); ours is per head (2 * 128)
-    ("olmoe_1b_7b", 6.9e9, 1.3e9, 0.02, 6_919_161_856 - 16 * 2 * (2048 - 128)),
+    ("olmoe_1b_7b", 6.9e9, 1.3e9, 0.02, 6_919_161_856),  # qk-norm over the full projection (qk_norm_scope)
 ]
 
 

@@ -1,4 +1,4 @@
-"""Grouped-query causal self-attention with RoPE and optional per-head qk-norm.
+"""Grouped-query causal self-attention with RoPE and optional qk-norm (per head, or over the full projection).
 
 Legend: B batch, S sequence, H hidden, N query heads, G key/value heads, D head_dim, R = D/2.
 Head counts are read from tensor shapes (`.view(B, S, -1, D)`), never from the config, so
@@ -31,7 +31,11 @@ def causal_attention(q_BSND: torch.Tensor, k_BSGD: torch.Tensor, v_BSGD: torch.T
 
 
 class Attention(nn.Module):
-    """wq/wk/wv (no bias) -> [qk-norm] -> RoPE -> causal GQA -> wo."""
+    """wq/wk/wv (no bias) -> [qk-norm] -> RoPE -> causal GQA -> wo.
+
+    qk-norm scope 'head' (Qwen3) normalises each head over head_dim with one head_dim-wide weight;
+    'full' (OLMoE) normalises the whole q (N*D) and k (G*D) projections, each with its own weight.
+    """
 
     def __init__(
         self,
@@ -41,6 +45,7 @@ class Attention(nn.Module):
         head_dim: int,
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
+        qk_norm_scope: str = "head",
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -48,16 +53,25 @@ class Attention(nn.Module):
         self.wk = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        if qk_norm_scope not in ("head", "full"):
+            raise ValueError(f"qk_norm_scope ({qk_norm_scope!r}) must be 'head' or 'full'")
+        self.qk_norm_full = qk_norm_scope == "full"
+        q_width, k_width = (
+            (num_heads * head_dim, num_kv_heads * head_dim) if self.qk_norm_full else (head_dim, head_dim)
+        )
+        self.q_norm = RMSNorm(q_width, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(k_width, norm_eps) if qk_norm else None
 
     def forward(self, x_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
         """Self-attention over the sequence; returns out_BSH."""
         B, S, _ = x_BSH.shape
-        q_BSND = self.wq(x_BSH).view(B, S, -1, self.head_dim)
-        k_BSGD = self.wk(x_BSH).view(B, S, -1, self.head_dim)
+        q_BSX, k_BSX = self.wq(x_BSH), self.wk(x_BSH)  # X: the projection width (N*D or G*D)
+        if self.qk_norm_full and self.q_norm is not None and self.k_norm is not None:
+            q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
+        q_BSND = q_BSX.view(B, S, -1, self.head_dim)
+        k_BSGD = k_BSX.view(B, S, -1, self.head_dim)
         v_BSGD = self.wv(x_BSH).view(B, S, -1, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if not self.qk_norm_full and self.q_norm is not None and self.k_norm is not None:
             q_BSND, k_BSGD = self.q_norm(q_BSND), self.k_norm(k_BSGD)
         q_BSND = apply_rope(q_BSND, cos_SR, sin_SR)
         k_BSGD = apply_rope(k_BSGD, cos_SR, sin_SR)

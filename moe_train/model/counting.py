@@ -35,12 +35,19 @@ class _Breakdown:
     num_moe: int
 
 
+def qk_norm_parameters(m: ModelConfig) -> int:
+    """Weights of one layer's q and k norms: 2 * head_dim per head, or (N + G) * head_dim over the full width."""
+    if not m.qk_norm:
+        return 0
+    return (m.num_heads + m.num_kv_heads) * m.head_dim if m.qk_norm_scope == "full" else 2 * m.head_dim
+
+
 def _breakdown(m: ModelConfig, moe: MoEConfig) -> _Breakdown:
     H = m.hidden_size
     q_dim, kv_dim = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     return _Breakdown(
         attn_matmul=H * q_dim + 2 * H * kv_dim + q_dim * H,
-        layer_norms=2 * H + (2 * m.head_dim if m.qk_norm else 0),
+        layer_norms=2 * H + qk_norm_parameters(m),
         dense_mlp=3 * H * m.ffn_hidden_size,
         router=H * moe.num_experts,
         expert=3 * H * moe.expert_ffn_hidden_size,

@@ -53,7 +53,9 @@ class TransformerBlock(nn.Module):
         m = model_cfg
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.attention = Attention(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.qk_norm, m.norm_eps)
+        self.attention = Attention(
+            m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.qk_norm, m.norm_eps, m.qk_norm_scope
+        )
         self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
         self.moe_enabled = layer_id >= moe_cfg.first_k_dense
         self.moe: MoELayer | None = None

@@ -306,6 +306,10 @@ def validate_layout(cfg: Config, world_size: int) -> Layout:
         f"model.tie_embeddings (true) is not supported with parallel.pp ({cfg.parallel.pp}) > 1 yet",
     )
     _check_schedule(cfg, layout.dp)
+    if cfg.engine.name == "deepspeed":  # the ds_config's gradient_accumulation_steps against this world
+        from moe_train.engine_config import deepspeed_config_for
+
+        deepspeed_config_for(cfg, layout.dp)
     return layout
 
 

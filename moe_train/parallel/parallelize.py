@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from moe_train.config import Config
@@ -48,6 +49,10 @@ class ParallelModel:
     def train(self, mode: bool = True) -> None:
         for chunk in self.chunks:
             chunk.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's (already scaled) loss; an engine that owns backward overrides it."""
+        loss.backward()
 
 
 def parallelize(model: nn.Module, groups: ProcessGroups, cfg: Config) -> ParallelModel:

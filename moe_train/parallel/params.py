@@ -1,8 +1,8 @@
 """Analytic parameter counts of the model and of each pipeline rank's shard (for the dry run).
 
 Assumed architecture (the reference model in moe_train.model): bias-free linear layers, RMSNorm with a
-weight only, SwiGLU MLPs (three H x F matrices), a bias-free linear router, per-head q/k RMSNorm of
-size head_dim when model.qk_norm.
+weight only, SwiGLU MLPs (three H x F matrices), a bias-free linear router, q/k RMSNorm when model.qk_norm
+(head_dim wide per head, or the full projection width with model.qk_norm_scope=full).
 
 How each component is sharded:
 
@@ -22,6 +22,7 @@ import itertools
 from dataclasses import dataclass
 
 from moe_train.config import ModelConfig, MoEConfig, ParallelConfig
+from moe_train.model.counting import qk_norm_parameters
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def component_parameters(model: ModelConfig, moe: MoEConfig) -> ComponentParams:
         head=0 if model.tie_embeddings else model.vocab_size * h,
         final_norm=h,
         attention=q_and_o + k_and_v,
-        layer_norms=2 * h + (2 * hd if model.qk_norm else 0),
+        layer_norms=2 * h + qk_norm_parameters(model),
         dense_mlp=3 * h * model.ffn_hidden_size,
         router=h * moe.num_experts,
         routed_experts=moe.num_experts * 3 * h * moe.expert_ffn_hidden_size,

@@ -220,9 +220,10 @@ def _numbered_groups(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> 
 
 def optimizer_local_state(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """Local canonical optimizer state of a ZeroAdamW or a plain torch AdamW over metadata-carrying
-    parameters: {canonical name: {step, exp_avg, exp_avg_sq}}, tensors shaped like the local parameter."""
-    if isinstance(optimizer, ZeroAdamW):
-        return optimizer.local_state()
+    parameters: {canonical name: {step, exp_avg, exp_avg_sq}}, tensors shaped like the local parameter.
+    Any other optimizer that has `local_state()` (e.g. the DeepSpeed engine's) provides this form itself."""
+    if isinstance(optimizer, ZeroAdamW) or hasattr(optimizer, "local_state"):
+        return optimizer.local_state()  # type: ignore[no-any-return]
     out = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -248,6 +249,9 @@ def load_optimizer_local_state(optimizer: torch.optim.Optimizer, state: dict[str
     """Inverse of optimizer_local_state; hyperparameters stay those of `optimizer`."""
     if isinstance(optimizer, ZeroAdamW):
         optimizer.load_state_dict({"state": state})
+        return
+    if hasattr(optimizer, "load_local_state"):
+        optimizer.load_local_state(state)
         return
     torch_state: dict[int, dict[str, Any]] = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]

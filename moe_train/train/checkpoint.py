@@ -56,9 +56,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
-    """Map checkpoint.resume ('latest', a path, or None) to a checkpoint directory."""
+    """Map checkpoint.resume ('latest', 'auto', a path, or None) to a checkpoint directory."""
     if resume is None:
         return None
+    if resume == "auto":  # a requeued job: continue if an earlier run of it saved anything
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
     if resume == "latest":
         found = list_checkpoints(run_dir)
         if not found:

@@ -62,7 +62,7 @@ def forward_backward(
         with autocast:
             out = model(batch.tokens_BS.to(device), batch.labels_BS.to(device))
         lm_loss = out.token_loss_BS.mean()
-        (lm_loss * scale).backward()
+        pm.backward(lm_loss * scale)
         lm += lm_loss.item() * scale
         lbl += float(out.lbl) * scale
         zloss += float(out.zloss) * scale

@@ -27,6 +27,7 @@ from moe_train.parallel.parallelize import parallelize
 from moe_train.train import checkpoint as ckpt
 from moe_train.train.metrics import MetricsWriter, format_progress, peak_flops
 from moe_train.train.optim import build_optimizer, set_lr
+from moe_train.train.progress import ProgressBar
 from moe_train.train.schedule import lr_at
 from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
 from moe_train.utils.logging import get_logger
@@ -81,8 +82,14 @@ class Trainer:
         self.device = _device()
         self.source = build_train_source(cfg)
         self.val_batches = build_val_batches(cfg) if cfg.train.eval_every > 0 else {}
-        self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
-        self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
+        self.deepspeed = cfg.engine.name == "deepspeed"
+        if self.deepspeed:  # reduction, clipping and the update run inside DeepSpeed's engine
+            from moe_train.train.deepspeed_engine import build_deepspeed
+
+            self.pmodel, self.optimizer = build_deepspeed(build_model(cfg).to(self.device), self.groups, cfg)
+        else:
+            self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
+            self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         if resume_path is not None:
             self._restore(resume_path)
@@ -141,7 +148,11 @@ class Trainer:
         step = self.state.step
         self.pmodel.train()
         batches = self.micro_batches(self.state.consumed_samples)
+        if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
+            set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
+        if self.deepspeed:
+            return self._result(reduce_step_stats(stats, self.groups, self.device), self.optimizer.grad_norm())
         if self.pmodel.reducer is not None:
             self.pmodel.reducer.finish()
         grad_norm = self._clip()
@@ -215,6 +226,7 @@ class Trainer:
         t = self.cfg.train
         records: list[dict[str, Any]] = []
         times: list[float] = []
+        self.progress = ProgressBar(t.max_steps, self.state.step, self.cfg.log.progress_bar, self.is_main)
         try:
             while self.state.step < t.max_steps:
                 start = time.perf_counter()
@@ -225,14 +237,16 @@ class Trainer:
                 self.metrics.write_step(records[-1], result.expert_counts_LE)
                 self._after_step(records[-1], times)
         finally:
+            self.progress.close()
             self.metrics.close()
         return records
 
     def _after_step(self, record: dict[str, Any], times: list[float]) -> None:
         """Console progress, periodic validation and checkpoints."""
         t, step = self.cfg.train, self.state.step
+        eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
+        self.progress.update(record, eta)
         if step % t.log_every == 0 or step == t.max_steps or step == 1:
-            eta = (t.max_steps - step) * sum(times[-20:]) / len(times[-20:])
             log.info(format_progress(record, t.max_steps, eta))
         if self.val_batches and self._should(t.eval_every, step):
             losses = self.evaluate()

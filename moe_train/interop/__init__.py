@@ -1,0 +1,1 @@
+"""Interoperability: loading trained models, Hugging Face transformers export / import (and upcycling)."""
