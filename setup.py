@@ -1,9 +1,14 @@
 """Packaging for moe_train.
 
-The C++ extension in csrc/ (`moe_train._C`) is optional: it is built when torch and a C++ compiler are
-available at install time (install with `--no-build-isolation` so the build sees the installed torch),
-and skipped with a warning otherwise, or when MOE_TRAIN_NO_EXT=1. Everything has a pure-PyTorch
-fallback in moe_train/kernels.
+The C++ extensions in csrc/ need torch at build time (install with `--no-build-isolation`):
+
+* `moe_train._C` (CPU kernels, OpenMP) is built whenever torch and a C++ compiler are available;
+* `moe_train._C_cuda` (CUDA kernels behind a plain C++ launcher API, csrc/cuda/) is built when a CUDA
+  toolkit and a CUDA build of torch are both present (a CPU torch wheel cannot build a CUDAExtension).
+
+Without them everything runs on the pure-PyTorch references in moe_train/kernels. A failed build is
+skipped with a warning, unless MOE_TRAIN_REQUIRE_EXT=1 (CI sets it), which turns it into an error;
+MOE_TRAIN_NO_EXT=1 skips both extensions.
 """
 
 from __future__ import annotations
@@ -15,6 +20,38 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+REQUIRE_EXT = os.environ.get("MOE_TRAIN_REQUIRE_EXT") == "1"
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off"]  # no FMA contraction: CPU and CUDA round alike
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
+
+
+def _skip(reason: str) -> None:
+    if REQUIRE_EXT:
+        raise RuntimeError(f"moe_train: MOE_TRAIN_REQUIRE_EXT=1 but {reason}")
+    sys.stderr.write(f"moe_train: {reason}; using the PyTorch kernels\n")
+
+
+def _sources(*patterns: str) -> list[str]:
+    return sorted(str(p.relative_to(HERE)) for pattern in patterns for p in HERE.glob(pattern))
+
+
+def _cuda_extension() -> list:
+    """The CUDA extension when a CUDA toolkit and a CUDA torch are both present, else nothing."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+    if torch.version.cuda is None or CUDA_HOME is None:
+        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) found"
+        sys.stderr.write(f"moe_train: CUDA extension not built ({why})\n")
+        return []
+    return [
+        CUDAExtension(
+            name="moe_train._C_cuda",
+            sources=_sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp"),
+            include_dirs=[str(HERE / "csrc")],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        )
+    ]
 
 
 def _extensions() -> tuple[list, dict]:
@@ -23,27 +60,28 @@ def _extensions() -> tuple[list, dict]:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        sys.stderr.write("moe_train: torch not importable at build time; skipping the C++ extension\n")
+        _skip("torch is not importable at build time")
         return [], {}
-    sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").rglob("*.cpp"))
-    ext = CppExtension(
+    cpu = CppExtension(
         name="moe_train._C",
-        sources=sources,
+        sources=_sources("csrc/*.cpp", "csrc/cpu/*.cpp"),
         include_dirs=[str(HERE / "csrc")],
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_compile_args=[*CXX_FLAGS, "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
 
     class OptionalBuildExt(BuildExtension):
-        """Build the extension, but install cleanly without it if compilation fails."""
+        """Build each extension on its own; a failure skips only that one (or stops the install)."""
 
-        def run(self) -> None:
+        def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
             try:
-                super().run()
+                super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001 - any build failure leaves the pure-PyTorch path
-                sys.stderr.write(f"moe_train: C++ extension not built ({exc}); using PyTorch kernels\n")
+                if REQUIRE_EXT:
+                    raise
+                sys.stderr.write(f"moe_train: extension {ext.name} not built ({exc}); using PyTorch kernels\n")
 
-    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}
+    return [cpu, *_cuda_extension()], {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}
 
 
 ext_modules, cmdclass = _extensions()

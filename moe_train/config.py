@@ -76,6 +76,19 @@ class LBLConfig:
 
 
 @dataclass
+class MoEDispatchConfig:
+    """Token dispatch (permute -> [all-to-all] -> experts -> [all-to-all] -> combine) kernels and wire format."""
+
+    backend: str = "auto"
+    """Dispatch kernels: 'auto' (the C++/CUDA extension for the tensors' device when built, else PyTorch),
+    'cuda', 'cpu' (the extension, an error when it is not built) or 'torch' (the pure-PyTorch reference)."""
+    dtype: str = "fp32"
+    """Dtype of the dispatched token rows on the wire: 'fp32', 'bf16' or 'fp8' (E4M3 with one fp32 scale per
+    token per 128 channels; a hidden size that is not a multiple of 128 gets a shorter last block). Experts
+    receive them back in the activation dtype; the combine and all gradients travel unquantised."""
+
+
+@dataclass
 class MoEConfig:
     """Mixture-of-Experts feed-forward layers."""
 
@@ -107,6 +120,8 @@ class MoEConfig:
     """Aux-loss-free balancing (DeepSeek-V3, arXiv 2412.19437): > 0 adds a per-expert bias to the scores
     used for top-k selection only, updated after each optimizer step by rate * sign(mean load - load_i)
     from the step's global counts; 0 disables it. Combinable with any moe.lbl scope (or moe.lbl.coeff 0)."""
+    dispatch: MoEDispatchConfig = field(default_factory=MoEDispatchConfig)
+    """Token dispatch kernels and wire dtype."""
 
 
 @dataclass
@@ -553,6 +568,8 @@ def _validate_model(cfg: Config) -> None:
     _one_of(cfg, "model.qk_norm_scope", ("head", "full"))
     _one_of(cfg, "moe.score_func", ("softmax", "sigmoid"))
     _one_of(cfg, "moe.drop_policy", ("probs", "position"))
+    _one_of(cfg, "moe.dispatch.backend", ("auto", "cuda", "cpu", "torch"))
+    _one_of(cfg, "moe.dispatch.dtype", ("fp32", "bf16", "fp8"))
     if moe.capacity_factor is not None:
         _positive(cfg, "moe.capacity_factor")
     _require(

@@ -238,10 +238,8 @@ class SwappedSplitsDispatcher(AllToAllDispatcher):
     experts, which the parity comparison must notice.
     """
 
-    def communicate(
-        self, x_NH: torch.Tensor, send_counts_RL: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-        return super().communicate(x_NH, send_counts_RL.flip(0))
+    def exchange_counts(self, send_counts_RL: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        return super().exchange_counts(send_counts_RL.flip(0))
 
 
 def check_swapped_splits_twin(rank: int, world_size: int) -> list[str]:

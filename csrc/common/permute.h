@@ -1,12 +1,8 @@
-// Per-row math of the token permute, shared by the CPU and (later) CUDA paths.
+// Per-row copy of the token permute, shared by the CPU and CUDA paths.
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MOE_HD __host__ __device__
-#else
-#define MOE_HD
-#endif
+#include "common/numerics.h"
 
 namespace moe_train {
 

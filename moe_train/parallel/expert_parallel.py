@@ -6,7 +6,8 @@ stage) in place:
 1. Routed experts keep this rank's slice of the full init: experts [ep_rank*E/ep, (ep_rank+1)*E/ep),
    and with etp > 1 its chunk of the expert ffn dimension (w1/w3 on dim 2, w2 on dim 1). Each gets a
    `ParamMeta` (shards [("ep", 0), ("etp", d)], gradients summed over "edp").
-2. With ep * etp > 1 the dispatcher becomes an `AllToAllDispatcher` (same dispatch/combine contract).
+2. With ep * etp > 1 the dispatcher becomes an `AllToAllDispatcher` (same dispatch/combine contract;
+   the dispatched rows cross the EP all-to-all in moe.dispatch.dtype, FP8 as uint8 bytes + scales).
 3. With tp > 1 the layer's tokens are one sequence-parallel shard of the micro-batch, so its router
    statistics are summed over the tp group (`SequenceShardStats`): LBL, z-loss and the reported
    `last_stats` then equal those of the whole micro-batch on one device.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moe_train.kernels import dispatch_rows, unpermute
 from moe_train.model.moe.dispatcher import DispatchContext, TokenDispatcher
 from moe_train.model.moe.layer import MoELayer
 from moe_train.model.moe.router import Routing
@@ -221,18 +224,46 @@ class AllToAllContext(DispatchContext):
     """Gather index from received (source, local expert) order to local-expert order."""
 
 
-class AllToAllDispatcher(TokenDispatcher):
-    """Expert-parallel dispatcher: permute -> quantize -> communicate -> regroup -> experts -> reverse.
+@dataclass
+class AllToAllExchange:
+    """The EP all-to-all as a `moe_train.kernels.RowExchange`: row blocks of `send_splits` to each rank.
 
-    dispatch: local permute by global expert id (capacity decided locally, `sort_assignments`), exchange
-    per-expert counts and then token rows over the EP group (variable splits), with etp > 1 all-gather
-    them over the ETP group, and group the received rows by local expert. combine: undo each step; with
+    `send` carries any row-aligned tensors (FP8 payload and scales travel as uint8 bytes: gloo has no
+    float8); `send_back` returns a gradient in its own dtype. Neither records autograd history:
+    `dispatch_rows` owns the backward.
+    """
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    group: Group
+
+    def send(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if group_size(self.group) == 1:
+            return list(tensors)
+        return [_all_to_all(t, self.send_splits, self.recv_splits, self.group) for t in tensors]
+
+    def send_back(self, grad_NH: torch.Tensor) -> torch.Tensor:
+        if group_size(self.group) == 1:
+            return grad_NH
+        return _all_to_all(grad_NH, self.recv_splits, self.send_splits, self.group)
+
+
+class AllToAllDispatcher(TokenDispatcher):
+    """Expert-parallel dispatcher: route -> exchange counts -> permute + wire cast/FP8 + exchange rows ->
+    regroup -> experts -> reverse.
+
+    dispatch: local capacity drops and row map by global expert id (`route`), exchange per-expert counts,
+    then the permuted token rows over the EP group (variable splits) in moe.dispatch.dtype
+    (`dispatch_rows`: fused permute + FP8 quantisation, bytes on the wire, dequantised on arrival,
+    straight-through backward in the gradient's dtype); with etp > 1 all-gather them over the ETP group,
+    and group the received rows by local expert. combine: undo each step in the activation dtype; with
     etp > 1 the partial expert outputs (ffn-sharded w2) are summed by a reduce-scatter over ETP.
-    Each step is its own method so that e.g. an FP8 dispatcher can override `quantize` / `communicate`.
     """
 
     def __init__(self, base: TokenDispatcher, groups: ProcessGroups) -> None:
-        super().__init__(base.num_experts, base.capacity_factor, base.drop_policy)
+        super().__init__(
+            base.num_experts, base.capacity_factor, base.drop_policy, dtype=base.dtype, backend=base.backend
+        )
         self.ep_group, self.ep_size = groups.ep, groups.ep_size
         self.etp_group, self.etp_size = groups.etp, groups.etp_size
         self.num_local = base.num_experts // groups.ep_size
@@ -243,16 +274,18 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, AllToAllContext]:
         """-> (copies grouped by local expert, tokens_per_local_expert_L, ctx)."""
-        x_NH, counts_E, local_ctx = self.permute(x_TH, routing)
-        payload = self.quantize(x_NH)
-        recv, recv_counts_RL, send_splits, recv_splits = self.communicate(payload, counts_E.view(self.ep_size, -1))
-        x_recv_NH = self.dequantize(recv)
+        row_map_TK, counts_E, num_rows = self.route(routing)
+        recv_counts_RL, send_splits, recv_splits = self.exchange_counts(counts_E.view(self.ep_size, -1))
+        exchange = AllToAllExchange(send_splits, recv_splits, self.ep_group)
+        x_recv_NH = dispatch_rows(x_TH, row_map_TK, num_rows, wire=self.dtype, exchange=exchange, backend=self.backend)
         counts_SL = all_gather_dim(recv_counts_RL, 0, self.etp_group)  # (etp rank, ep rank) sources
         etp_rows = counts_SL.view(self.etp_size, -1).sum(1).tolist()
         x_recv_NH = gather_rows(x_recv_NH, etp_rows, self.etp_group)
         regroup_idx_N = regroup_index(counts_SL)
         ctx = AllToAllContext(
-            **vars(local_ctx),
+            row_map_TK,
+            routing.topk_weight_TK,
+            x_TH.shape[0],
             send_splits=send_splits,
             recv_splits=recv_splits,
             etp_rows=etp_rows,
@@ -267,25 +300,14 @@ class AllToAllDispatcher(TokenDispatcher):
         y_recv_NH = y_sorted_NH[inverse_permutation(ctx.regroup_idx_N)]
         y_recv_NH = reduce_scatter_rows(y_recv_NH, ctx.etp_rows, self.etp_group)
         y_NH = self.communicate_back(y_recv_NH, ctx)
-        return self.unpermute(y_NH, ctx)
+        return unpermute(y_NH, ctx.row_map_TK, ctx.probs_TK, backend=self.backend)
 
-    def quantize(self, x_NH: torch.Tensor) -> torch.Tensor:
-        """Hook before the exchange (identity; an FP8 dispatcher sends quantized bytes + scales)."""
-        return x_NH
-
-    def dequantize(self, payload: torch.Tensor) -> torch.Tensor:
-        """Hook after the exchange (identity)."""
-        return payload
-
-    def communicate(
-        self, x_NH: torch.Tensor, send_counts_RL: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-        """Exchange counts, then rows, over EP -> (rows by (source, local expert), recv_counts_RL, splits)."""
+    def exchange_counts(self, send_counts_RL: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Exchange per-expert counts over EP -> (recv_counts_RL, send_splits, recv_splits)."""
         recv_counts_RL = all_to_all_counts(send_counts_RL, self.ep_group)
         send_splits = send_counts_RL.sum(1).tolist()  # host sync: split sizes must be Python ints
         recv_splits = recv_counts_RL.sum(1).tolist()
-        recv_NH = all_to_all_rows(x_NH, send_splits, recv_splits, self.ep_group)
-        return recv_NH, recv_counts_RL, send_splits, recv_splits
+        return recv_counts_RL, send_splits, recv_splits
 
     def communicate_back(self, y_NH: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
         """Reverse exchange: expert outputs back to the ranks that sent the copies, in sent order."""

@@ -1,7 +1,13 @@
 """Mixture-of-Experts pieces: router, losses, dispatcher, grouped experts, layer."""
 
 from moe_train.model.moe.balance import LayerBalance, per_sequence_counts, update_expert_bias
-from moe_train.model.moe.dispatcher import DispatchContext, TokenDispatcher, expert_capacity, sort_assignments
+from moe_train.model.moe.dispatcher import (
+    DispatchContext,
+    TokenDispatcher,
+    drop_over_capacity,
+    expert_capacity,
+    sort_assignments,
+)
 from moe_train.model.moe.experts import GroupedExperts
 from moe_train.model.moe.layer import MoELayer, MoEStats, RoutingStatsReducer, shared_ffn_size
 from moe_train.model.moe.losses import (
@@ -24,6 +30,7 @@ __all__ = [
     "RoutingStatsReducer",
     "TokenDispatcher",
     "TopKRouter",
+    "drop_over_capacity",
     "expert_capacity",
     "global_lbl_share",
     "load_balancing_loss",

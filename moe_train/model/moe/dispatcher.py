@@ -3,8 +3,14 @@
 Legend: T tokens, H hidden, E experts, K top_k, A = T*K assignments, N kept assignments (token
 copies sent to experts, grouped by expert id).
 
+The permute and the weighted combine are the ops of `moe_train.kernels` (C++/CUDA kernels when built,
+the pure-PyTorch reference otherwise; moe.dispatch.backend). Capacity dropping sits on top of them: the
+assignments over capacity get expert id -1 before the permute, which skips them. moe.dispatch.dtype
+sets the dtype of the dispatched rows (fp32, bf16, or FP8 with block scales); on one device the rows
+go through the same cast or quantisation as on the EP wire, so both give the same numbers.
+
 An expert-parallel dispatcher (all-to-all) replaces this object on the MoE layer; it keeps the
-same `dispatch` / `combine` contract and reuses `permute` / `unpermute` as its local first and last steps.
+same `dispatch` / `combine` contract and reuses `route` and the kernels' ops around its exchange.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_train.config import ConfigError, MoEConfig
+from moe_train.kernels import WIRE_DTYPES, build_row_map, check_backend, dispatch_rows, num_kept_rows, unpermute
 from moe_train.model.moe.router import Routing
 
 
@@ -21,10 +29,10 @@ from moe_train.model.moe.router import Routing
 class DispatchContext:
     """What `combine` needs to undo `dispatch`."""
 
-    token_idx_N: torch.Tensor
-    """Source token of each sorted copy."""
-    weight_N: torch.Tensor
-    """Combine weight of each sorted copy (fp32, with grad)."""
+    row_map_TK: torch.Tensor
+    """Row of each (token, choice) among the dispatched rows; -1 when dropped by capacity."""
+    probs_TK: torch.Tensor
+    """Combine weight of each (token, choice) (fp32, with grad); dropped ones get no gradient."""
     num_tokens: int
     """T."""
 
@@ -57,39 +65,70 @@ def sort_assignments(
     return order_A[rank_A < capacity]
 
 
-class TokenDispatcher:
-    """Single-device dispatcher: sort copies by expert, drop over-capacity ones, scatter-add back."""
+def drop_over_capacity(
+    topk_idx_TK: torch.Tensor, topk_score_TK: torch.Tensor, num_experts: int, capacity: int, drop_policy: str
+) -> torch.Tensor:
+    """topk_idx_TK with the assignments that do not fit an expert's capacity replaced by -1."""
+    kept_N = sort_assignments(topk_idx_TK.reshape(-1), topk_score_TK.reshape(-1), num_experts, capacity, drop_policy)
+    keep_A = torch.zeros(topk_idx_TK.numel(), dtype=torch.bool, device=topk_idx_TK.device)
+    keep_A[kept_N] = True
+    return topk_idx_TK.masked_fill(~keep_A.view(topk_idx_TK.shape), -1)
 
-    def __init__(self, num_experts: int, capacity_factor: float | None = None, drop_policy: str = "probs") -> None:
+
+class TokenDispatcher:
+    """Single-device dispatcher: sort copies by expert, drop over-capacity ones, weighted-sum them back."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        capacity_factor: float | None = None,
+        drop_policy: str = "probs",
+        *,
+        dtype: str = "fp32",
+        backend: str = "auto",
+    ) -> None:
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"dispatch dtype {dtype!r} must be one of {', '.join(WIRE_DTYPES)}")
+        check_backend(backend)
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.drop_policy = drop_policy
+        self.dtype = dtype
+        self.backend = backend
+
+    @classmethod
+    def from_config(cls, moe_cfg: MoEConfig) -> TokenDispatcher:
+        """The dispatcher moe_cfg describes; ConfigError when moe.dispatch.backend's extension is not built."""
+        try:
+            check_backend(moe_cfg.dispatch.backend)
+        except ValueError as err:
+            raise ConfigError(f"moe.dispatch.backend: {err}") from None
+        return cls(
+            moe_cfg.num_experts,
+            moe_cfg.capacity_factor,
+            moe_cfg.drop_policy,
+            dtype=moe_cfg.dispatch.dtype,
+            backend=moe_cfg.dispatch.backend,
+        )
+
+    def route(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Capacity drops + row map -> (row_map_TK, tokens_per_expert_E after drops, rows N)."""
+        topk_idx_TK = routing.topk_idx_TK
+        if self.capacity_factor is not None:
+            T, K = topk_idx_TK.shape
+            capacity = expert_capacity(self.capacity_factor, T, K, self.num_experts)
+            topk_idx_TK = drop_over_capacity(
+                topk_idx_TK, routing.topk_score_TK, self.num_experts, capacity, self.drop_policy
+            )
+        row_map_TK, tokens_per_expert_E = build_row_map(topk_idx_TK, self.num_experts, backend=self.backend)
+        return row_map_TK, tokens_per_expert_E, num_kept_rows(topk_idx_TK, tokens_per_expert_E)
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
         """-> (x_sorted_NH, tokens_per_expert_E after drops, ctx)."""
-        return self.permute(x_TH, routing)
+        row_map_TK, tokens_per_expert_E, num_rows = self.route(routing)
+        x_NH = dispatch_rows(x_TH, row_map_TK, num_rows, wire=self.dtype, backend=self.backend)
+        return x_NH, tokens_per_expert_E, DispatchContext(row_map_TK, routing.topk_weight_TK, x_TH.shape[0])
 
     def combine(self, y_sorted_NH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
-        """Weighted unpermute back to y_TH."""
-        return self.unpermute(y_sorted_NH, ctx)
-
-    def permute(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
-        """Copies of x_TH grouped by (global) expert id after capacity drops -> (x_NH, counts_E, ctx)."""
-        T, K = routing.topk_idx_TK.shape
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(self.capacity_factor, T, K, self.num_experts)
-        expert_A = routing.topk_idx_TK.reshape(-1)
-        kept_N = sort_assignments(
-            expert_A, routing.topk_score_TK.reshape(-1), self.num_experts, capacity, self.drop_policy
-        )
-        token_idx_N = kept_N // K
-        tokens_per_expert_E = torch.bincount(expert_A[kept_N], minlength=self.num_experts)
-        ctx = DispatchContext(token_idx_N, routing.topk_weight_TK.reshape(-1)[kept_N], T)
-        return x_TH[token_idx_N], tokens_per_expert_E, ctx
-
-    def unpermute(self, y_sorted_NH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
-        """Weighted unpermute: y_TH[t] = sum of weight * y over t's kept copies (fp32 accumulation)."""
-        y_NH = y_sorted_NH.float() * ctx.weight_N.unsqueeze(-1)
-        out_TH = y_NH.new_zeros(ctx.num_tokens, y_NH.shape[-1])
-        return out_TH.index_add(0, ctx.token_idx_N, y_NH).to(y_sorted_NH.dtype)
+        """Weighted unpermute back to y_TH (fp32 accumulation, in y's dtype)."""
+        return unpermute(y_sorted_NH, ctx.row_map_TK, ctx.probs_TK, backend=self.backend)

@@ -70,7 +70,7 @@ class MoELayer(nn.Module):
             expert_bias=moe_cfg.bias_update_rate > 0,
         )
         self.balance = LayerBalance(moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.lbl.scope, moe_cfg.lbl.global_mode)
-        self.dispatcher = TokenDispatcher(moe_cfg.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
+        self.dispatcher = TokenDispatcher.from_config(moe_cfg)
         self.experts = GroupedExperts(moe_cfg.num_experts, hidden_size, moe_cfg.expert_ffn_hidden_size)
         shared = shared_ffn_size(moe_cfg)
         self.shared_experts = FeedForward(hidden_size, shared) if shared > 0 else None

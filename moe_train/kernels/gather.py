@@ -1,4 +1,4 @@
-"""Token permute: gather rows of x_TH into the order given by src_index_N.
+"""Row gather: out[i] = x[src_index[i]] (a forward-only gather kept for callers of `permute_rows`).
 
 Legend: T tokens, H hidden, N permuted rows (token copies, e.g. T * top_k).
 """
@@ -7,13 +7,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from moe_train import _C  # type: ignore[attr-defined]
-
-    HAS_EXTENSION = True
-except ImportError:
-    _C = None
-    HAS_EXTENSION = False
+from moe_train.kernels._ext import _C
 
 
 def permute_rows_reference(x_TH: torch.Tensor, src_index_N: torch.Tensor) -> torch.Tensor:
