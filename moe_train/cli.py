@@ -79,6 +79,20 @@ def _apply_local_rank(local_rank: int | None) -> None:
     os.environ["LOCAL_RANK"] = str(local_rank)
 
 
+def measured_peak_line(run_dir: str) -> str:
+    """The measured peak memory of the run in `run_dir` (to hold against the dry run's estimate)."""
+    from moe_train.train.memory import measured_peak_gb
+
+    peak = measured_peak_gb(run_dir)
+    if peak is None:
+        return f"measured peak memory: none yet ({run_dir}/metrics.jsonl has no peak_mem_gb; train, then rerun)"
+    return (
+        f"measured peak memory ({run_dir}/metrics.jsonl, max over ranks and steps): {peak:.3f} GiB "
+        "(CUDA max allocated, or CPU RSS high-water incl. activations and the runtime; the estimate above "
+        "counts parameters, grads and Adam state only)"
+    )
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import os
 
@@ -93,6 +107,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run_report(cfg, world_size))
+        print(measured_peak_line(cfg.run.dir))
         return 0
     setup_logging(cfg.log.level)
     groups = init_distributed(cfg)

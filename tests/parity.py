@@ -89,17 +89,18 @@ def canonical_parameters(pm: ParallelModel, groups: ProcessGroups) -> dict[str, 
 
 def train_layout(rank: int, world_size: int, overrides: list[str], run_dir: Path, sabotage: Any = None) -> dict:
     """Train one layout on this rank; rank 0 returns records and canonical parameters."""
+    from moe_train.parallel import materialize
     from moe_train.train import trainer as trainer_module
 
     cfg = layout_config(overrides, run_dir)
     groups = build_process_groups(cfg, world_size, rank)
-    original = trainer_module.parallelize
-    if sabotage is not None:
-        trainer_module.parallelize = sabotage  # type: ignore[assignment]
+    original = materialize.shard_model
+    if sabotage is not None:  # replaces the sharding step (on the meta model, before materialisation)
+        materialize.shard_model = sabotage  # type: ignore[assignment]
     try:
         trainer = trainer_module.Trainer(cfg, groups)
     finally:
-        trainer_module.parallelize = original
+        materialize.shard_model = original
     records = trainer.fit()
     params = canonical_parameters(trainer.pmodel, groups)
     val = trainer.evaluate()

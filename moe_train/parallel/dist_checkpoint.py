@@ -204,6 +204,8 @@ class _Reader:
         self.index = json.loads(index_path.read_text())
         self.tensors: dict[str, Any] = self.index["tensors"]
         self._files: dict[str, dict[str, torch.Tensor]] = {}
+        self.elements_read = 0
+        """Elements copied out of the stored chunks so far (a rank reads only its own boxes' intersections)."""
 
     def _file(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self._files:
@@ -231,6 +233,7 @@ class _Reader:
             dst = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, box[0], strict=True))]
             dst.copy_(src)
             filled += src.numel()
+            self.elements_read += src.numel()
         if filled != out.numel():
             raise CheckpointError(f"{key}: stored chunks fill {filled} of the {out.numel()} elements of box {box}")
 

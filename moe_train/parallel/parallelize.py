@@ -2,8 +2,9 @@
 
 Order (torchtitan style): tensor + sequence parallel → expert (+ expert-tensor) parallel → the
 load-balancing count reduction over the ``lbl`` group → pipeline stages → data-parallel gradient
-reduction. Every piece slices the full model, built identically on
-every rank from `train.seed`, so each shard starts from exactly the single-device initialisation.
+reduction. Every piece slices the model it is given: the trainer gives it the model on the meta device
+and materialises each rank's shards afterwards (moe_train.parallel.materialize), from an initialiser
+whose values do not depend on the layout, so each shard starts from exactly the single-device values.
 Each piece is skipped when its size is 1, so a single process gets the model back unchanged.
 """
 

@@ -35,8 +35,11 @@ from torch import nn
 
 from moe_train.config import Config, ConfigError
 from moe_train.engine_config import deepspeed_config_for
+from moe_train.model import MoETransformer
+from moe_train.model.build import model_init_specs
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.launch import resolve_backend
+from moe_train.parallel.materialize import materialize_chunks
 from moe_train.parallel.parallelize import ParallelModel, shard_model
 from moe_train.parallel.param_meta import get_meta
 from moe_train.parallel.zero import STATE_KEYS
@@ -147,15 +150,25 @@ class DeepSpeedParallelModel(ParallelModel):
         self.engine.step()
 
 
-def build_deepspeed(model: nn.Module, groups: ProcessGroups, cfg: Config) -> tuple[ParallelModel, Any]:
-    """Shard `model` (expert parallel), wrap it with deepspeed.initialize; returns (pmodel, optimizer)."""
+def build_deepspeed(
+    model: nn.Module, groups: ProcessGroups, cfg: Config, device: torch.device | None = None
+) -> tuple[ParallelModel, Any]:
+    """Shard `model` (expert parallel), wrap it with deepspeed.initialize; returns (pmodel, optimizer).
+
+    A model on the meta device (build_model(cfg, device="meta")) is materialised on `device` after
+    sharding, each rank initialising only its expert shards (moe_train.parallel.materialize); ZeRO 1/2
+    keeps the dense parameters replicated, so those are whole on every rank by design."""
     deepspeed = _import_deepspeed()
     ds_config = deepspeed_config_for(cfg, groups.dp_size)
     if not dist.is_initialized():  # one process: DeepSpeed still wants a (one-rank) process group
         backend = resolve_backend(cfg.parallel.backend)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; torchrun would have set it
+    on_meta = isinstance(model, MoETransformer) and any(p.is_meta for p in model.parameters())
+    specs = model_init_specs(model) if isinstance(model, MoETransformer) and on_meta else {}
     sharded = shard_model(model, groups, cfg)
+    if on_meta:
+        materialize_chunks(sharded.chunks, specs, cfg.train.seed, groups, device or torch.device("cpu"))
     (local,) = sharded.chunks
     marker = _expert_groups_module(cfg.moe.num_experts, groups) if groups.ep_size > 1 else None
     o = cfg.optim

@@ -113,12 +113,14 @@ def _step_of(line: str) -> int | None:
 
 
 def format_progress(record: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
-    """One console line: step, loss, lr, tokens/s, MFU, ETA (--:--:-- while warming up)."""
+    """One console line: step, loss, lr, tokens/s, MFU, peak memory (GiB, max over ranks), ETA
+    (--:--:-- while warming up)."""
     eta = "--:--:--" if eta_s is None else time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
+    mem = f" | mem {record['peak_mem_gb']:.2f} GiB" if "peak_mem_gb" in record else ""
     return (
         f"step {record['step']:>6}/{max_steps} | loss {record['loss']:.4f} (lm {record['lm_loss']:.4f} "
         f"lbl {record['lbl']:.3f}) | lr {record['lr']:.2e} | grad {record['grad_norm']:.3f} | "
-        f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {eta}"
+        f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%{mem} | ETA {eta}"
     )
 
 

@@ -28,9 +28,10 @@ from moe_train.parallel.dist_checkpoint import load_distributed_checkpoint, save
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.layout import validate_layout
 from moe_train.parallel.load_balance import StepBalancer
-from moe_train.parallel.parallelize import parallelize
+from moe_train.parallel.materialize import build_parallel_model
 from moe_train.train import checkpoint as ckpt
 from moe_train.train import data_hooks
+from moe_train.train.memory import peak_mem_gb
 from moe_train.train.metrics import EtaEstimator, MetricsWriter, format_progress
 from moe_train.train.optim import build_optimizer, set_lr
 from moe_train.train.peak import MfuMeter, device_peak
@@ -97,9 +98,10 @@ class Trainer:
         if self.deepspeed:  # reduction, clipping and the update run inside DeepSpeed's engine
             from moe_train.train.deepspeed_engine import build_deepspeed
 
-            self.pmodel, self.optimizer = build_deepspeed(build_model(cfg).to(self.device), self.groups, cfg)
-        else:
-            self.pmodel = parallelize(build_model(cfg).to(self.device), self.groups, cfg)
+            meta_model = build_model(cfg, device="meta")  # materialised per shard after sharding
+            self.pmodel, self.optimizer = build_deepspeed(meta_model, self.groups, cfg, self.device)
+        else:  # built on the meta device; each rank materialises and initialises only its shards
+            self.pmodel = build_parallel_model(cfg, self.groups, self.device)
             self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.balancer = StepBalancer(self.pmodel, cfg, len(self.source.domains))
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
@@ -239,6 +241,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": self.mfu(tokens_per_s * self.flops_per_token),
             "step_time_s": elapsed,
+            "peak_mem_gb": peak_mem_gb(self.groups, self.device),  # max over ranks (collective)
             "domain_loss": result.domain_loss,
         }
 
