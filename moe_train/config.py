@@ -261,6 +261,10 @@ class OptimConfig:
     null means train.max_steps. Set it to keep a run's schedule when resuming with a larger max_steps."""
     fused: bool = True
     """Use a fused AdamW kernel where one is available (apex FusedAdam or torch fused on CUDA)."""
+    foreach: bool = True
+    """Without a fused kernel, torch AdamW's multi-tensor (foreach) path; false updates one parameter
+    at a time, whose temporaries are one parameter's size instead of a copy of all of Adam's v (for
+    memory-bound runs such as configs/scale_proof_cpu.yaml)."""
 
 
 @dataclass

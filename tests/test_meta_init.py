@@ -210,23 +210,39 @@ def check_checkpoint_reads_only_own_boxes(rank: int, world_size: int, root: Path
     return out
 
 
+def check_training_holds_only_shards(rank: int, world_size: int, root: Path) -> dict[str, float]:
+    """One tp2·ep2 training step through the Trainer: this rank's parameter bytes and the reported peak."""
+    from moe_train.train.trainer import Trainer
+
+    overrides = [*BIG, "parallel.tp=2", "parallel.ep=2", "train.max_steps=1", "train.eval_every=0"]
+    cfg = layout_config(overrides, root / "train")
+    trainer = Trainer(cfg, build_process_groups(cfg, WORLD, rank))
+    record = trainer.fit()[-1]
+    local = sum(p.numel() * p.element_size() for p in trainer.pmodel.parameters())
+    full = sum(t.numel() * t.element_size() for t in _unique_tensors([build_model(cfg, device="meta")]))
+    return {"local": local, "full": full, "peak_mem_gb": record["peak_mem_gb"]}
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     root = tmp_path_factory.mktemp("meta_init")
-    checks = [check_layouts_bitwise, check_twin_offset_zero, check_build_allocates_only_shards, _CheckpointCheck(root)]
+    checks = [check_layouts_bitwise, check_twin_offset_zero, check_build_allocates_only_shards]
+    checks += [
+        _WithRoot(check_checkpoint_reads_only_own_boxes, root),
+        _WithRoot(check_training_holds_only_shards, root),
+    ]
     return run_distributed(run_checks, WORLD, checks, timeout=600)
 
 
-class _CheckpointCheck:
-    """Picklable wrapper carrying the shared checkpoint directory."""
+class _WithRoot:
+    """A picklable check carrying the shared temporary directory."""
 
-    __name__ = "check_checkpoint_reads_only_own_boxes"
+    def __init__(self, check: Any, root: Path) -> None:
+        self.check, self.root = check, root
+        self.__name__ = check.__name__
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def __call__(self, rank: int, world_size: int) -> dict[str, int]:
-        return check_checkpoint_reads_only_own_boxes(rank, world_size, self.root)
+    def __call__(self, rank: int, world_size: int) -> Any:
+        return self.check(rank, world_size, self.root)
 
 
 def test_every_layout_starts_bitwise_equal_to_one_process(results: list[dict[str, Any]]) -> None:
@@ -255,3 +271,11 @@ def test_checkpoint_load_reads_only_own_boxes(results: list[dict[str, Any]]) -> 
         for name in ("ep2_etp2", "tp2_ep2_folded"):  # exactly the elements of the rank's own boxes
             assert m[name] == m[f"{name}_local"], (rank, name, m)
         assert m["tp2_ep2_folded"] < 0.6 * m["full"], (rank, m)  # ep2_etp2 keeps the dense part whole (dp4)
+
+
+def test_training_ranks_hold_a_fraction_of_the_model(results: list[dict[str, Any]]) -> None:
+    peaks = {r["check_training_holds_only_shards"]["peak_mem_gb"] for r in results}
+    assert len(peaks) == 1 and peaks.pop() > 0  # the max over ranks, the same on every rank
+    for rank, r in enumerate(results):
+        m = r["check_training_holds_only_shards"]
+        assert m["local"] < 0.6 * m["full"], (rank, m)

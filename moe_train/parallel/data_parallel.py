@@ -167,13 +167,17 @@ class GradReducer:
 
     @torch.no_grad()
     def _launch(self, bucket: _Bucket) -> None:
-        """Copy grads (zeros where None) into the flat buffer; start the first all-reduce asynchronously."""
+        """Copy grads (zeros where None) into the flat buffer; start the first all-reduce asynchronously.
+
+        Each parameter's grad then becomes its view of the buffer (as DDP's gradient_as_bucket_view), so
+        the separately allocated gradient is freed and a rank holds one gradient-sized copy, not two."""
         for param, lo, hi in zip(bucket.params, bucket.offsets, bucket.offsets[1:], strict=False):
             view = bucket.buffer[lo:hi]
             if param.grad is None:
                 view.zero_()
-            else:
+            elif param.grad.data_ptr() != view.data_ptr():
                 view.copy_(param.grad.reshape(-1))
+            param.grad = view.view_as(param)
         kinds = self._active_kinds(bucket)
         if kinds:
             bucket.handle = dist.all_reduce(bucket.buffer, group=self.groups.group(kinds[0]), async_op=True)
@@ -194,10 +198,8 @@ class GradReducer:
                 bucket.buffer.div_(self.groups.dp_size)
             for param, lo, hi in zip(bucket.params, bucket.offsets, bucket.offsets[1:], strict=False):
                 reduced = bucket.buffer[lo:hi].view_as(param)
-                if param.grad is None:
-                    param.grad = reduced.clone()
-                else:
-                    param.grad.copy_(reduced)
+                if param.grad is None or param.grad.data_ptr() != reduced.data_ptr():
+                    param.grad = reduced  # the grad is the bucket's view (see _launch)
             bucket.ready.clear()
             bucket.handle = None
             bucket.launched = False

@@ -51,4 +51,6 @@ def build_parallel_model(cfg: Config, groups: ProcessGroups, device: torch.devic
     specs = model_init_specs(model)
     pm = shard_model(model, groups, cfg)
     materialize_chunks(pm.chunks, specs, cfg.train.seed, groups, device)
+    if pm.schedule is not None:
+        pm.schedule.warm_up()
     return attach_grad_reducer(pm)

@@ -352,12 +352,20 @@ class PipelineSchedule:
         self.num_experts = cfg.moe.num_experts
         self.moe_index = {layer: i for i, layer in enumerate(range(cfg.moe.first_k_dense, cfg.model.num_layers))}
         first = next(p for chunk in chunks for p in chunk.parameters())
-        self.device = first.device
         self.dtype = dtype or first.dtype
         self.reducer: Any = None
         self._timelines: dict[int, Timeline] = {}
-        # NCCL wants every rank of a group in its first call; later p2p batches involve only neighbours
-        groups.all_reduce(torch.zeros(1, device=self.device), "pp")
+        if not first.is_meta:  # a meta model calls it once materialised (moe_train.parallel.materialize)
+            self.warm_up()
+
+    @property
+    def device(self) -> torch.device:
+        """The chunks' device (read each time: the chunks may be materialised after the schedule is built)."""
+        return next(p for chunk in self.chunks for p in chunk.parameters()).device
+
+    def warm_up(self) -> None:
+        """NCCL wants every rank of a group in its first call; later p2p batches involve only neighbours."""
+        self.groups.all_reduce(torch.zeros(1, device=self.device), "pp")
 
     @property
     def num_chunks(self) -> int:

@@ -326,7 +326,8 @@ class VocabParallelLoss:
 def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups) -> None:
     """Shard `model` (a full `MoETransformer` or a pruned stage of one) over groups.tp, in place.
 
-    No-op when groups.tp_size == 1. Expects the full single-device weights on every rank (same seed):
+    No-op when groups.tp_size == 1. Expects the single-device model (real, or on the meta device and
+    materialised per shard afterwards, moe_train.parallel.materialize):
     each rank keeps its slice. Afterwards every parameter carries a ParamMeta; raises if a parameter
     has no known placement (a new module type would otherwise get silently wrong gradients).
     """

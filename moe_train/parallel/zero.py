@@ -264,10 +264,10 @@ def load_optimizer_local_state(optimizer: torch.optim.Optimizer, state: dict[str
 
 def build_zero_optimizer(model: ParamsLike, optim: OptimConfig, groups: ProcessGroups) -> ZeroAdamW:
     """ZeroAdamW with the hyperparameters of moe_train.train.optim.build_optimizer (torch fused on
-    CUDA when optim.fused, else foreach)."""
+    CUDA when optim.fused, else foreach unless optim.foreach is false)."""
     entries = named_params_with_meta(model)
     on_cuda = any(p.is_cuda for _, p, _ in entries)
-    kernel = {"fused": True} if optim.fused and on_cuda else {"foreach": True}
+    kernel = {"fused": True} if optim.fused and on_cuda else {"foreach": optim.foreach}
     return ZeroAdamW(
         [(name, p) for name, p, _ in entries],
         groups,

@@ -42,7 +42,8 @@ def build_optimizer(
     process_groups: ProcessGroups | None = None,
     zero1: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW: apex FusedAdam (adam_w_mode) on CUDA when importable, torch fused on CUDA, else foreach.
+    """AdamW: apex FusedAdam (adam_w_mode) on CUDA when importable, torch fused on CUDA, else foreach
+    (or per parameter with optim.foreach=false).
 
     With `zero1` and more than one rank, the optimizer state is sharded over data-parallel ranks.
     """
@@ -60,7 +61,7 @@ def build_optimizer(
             log.info("optimizer: apex FusedAdam")
             return apex_adam(groups, adam_w_mode=True, lr=optim.lr, betas=betas, eps=optim.eps)
         return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=True)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, foreach=True)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, foreach=optim.foreach)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
