@@ -158,6 +158,7 @@ class GradReducer:
                 f"gradient of {name} accumulated after its bucket was reduced; run earlier micro-batches"
                 " under reducer.no_sync() and call reducer.finish() once per step"
             )
+        self._adopt(param, bucket, pos)  # the separate gradient is freed now, not after the whole backward
         bucket.ready.add(pos)
         while self._next < len(self.buckets) and len(self.buckets[self._next].ready) == len(
             self.buckets[self._next].params
@@ -165,19 +166,25 @@ class GradReducer:
             self._launch(self.buckets[self._next])
             self._next += 1
 
+    @staticmethod
+    @torch.no_grad()
+    def _adopt(param: torch.Tensor, bucket: _Bucket, pos: int) -> None:
+        """Copy the grad (zeros where None) into its slot of the flat buffer and make the grad that view
+        (as DDP's gradient_as_bucket_view): the separately allocated gradient is freed, so a rank holds
+        one gradient-sized copy, not two."""
+        view = bucket.buffer[bucket.offsets[pos] : bucket.offsets[pos + 1]]
+        if param.grad is None:
+            view.zero_()
+        elif param.grad.data_ptr() != view.data_ptr():
+            view.copy_(param.grad.reshape(-1))
+        param.grad = view.view_as(param)
+
     @torch.no_grad()
     def _launch(self, bucket: _Bucket) -> None:
-        """Copy grads (zeros where None) into the flat buffer; start the first all-reduce asynchronously.
-
-        Each parameter's grad then becomes its view of the buffer (as DDP's gradient_as_bucket_view), so
-        the separately allocated gradient is freed and a rank holds one gradient-sized copy, not two."""
-        for param, lo, hi in zip(bucket.params, bucket.offsets, bucket.offsets[1:], strict=False):
-            view = bucket.buffer[lo:hi]
-            if param.grad is None:
-                view.zero_()
-            elif param.grad.data_ptr() != view.data_ptr():
-                view.copy_(param.grad.reshape(-1))
-            param.grad = view.view_as(param)
+        """Move the grads not yet adopted into the flat buffer; start the first all-reduce asynchronously."""
+        for pos, param in enumerate(bucket.params):
+            if pos not in bucket.ready:
+                self._adopt(param, bucket, pos)
         kinds = self._active_kinds(bucket)
         if kinds:
             bucket.handle = dist.all_reduce(bucket.buffer, group=self.groups.group(kinds[0]), async_op=True)

@@ -221,7 +221,8 @@ def _numbered_groups(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> 
 def optimizer_local_state(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """Local canonical optimizer state of a ZeroAdamW or a plain torch AdamW over metadata-carrying
     parameters: {canonical name: {step, exp_avg, exp_avg_sq}}, tensors shaped like the local parameter.
-    Any other optimizer that has `local_state()` (e.g. the DeepSpeed engine's) provides this form itself."""
+    Any other optimizer that has `local_state()` (e.g. the DeepSpeed engine's) provides this form itself.
+    For a plain AdamW the moments are the optimizer's own tensors (read them before the next step)."""
     if isinstance(optimizer, ZeroAdamW) or hasattr(optimizer, "local_state"):
         return optimizer.local_state()  # type: ignore[no-any-return]
     out = {}
@@ -234,7 +235,9 @@ def optimizer_local_state(optimizer: torch.optim.Optimizer) -> dict[str, dict[st
                 if raw_step is None:
                     raise ValueError(f"optimizer state of {name} has moments but no step count")
                 step = torch.as_tensor(raw_step, dtype=torch.float32).detach().cpu().clone()
-                out[name] = {"step": step, **{key: state[key].detach().clone() for key in STATE_KEYS}}
+                # the moments themselves, not copies: a save writes them at once (a copy would cost a
+                # rank twice its Adam state at every checkpoint)
+                out[name] = {"step": step, **{key: state[key].detach() for key in STATE_KEYS}}
     return out
 
 
