@@ -10,6 +10,7 @@ One process-group spawn (4 ranks) for all distributed checks.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from moe_train.model.init import box_runs, fill_normal_box, normal_from_pairs, s
 from moe_train.parallel import dist_checkpoint, materialize
 from moe_train.parallel.groups import build_process_groups
 from moe_train.parallel.materialize import build_parallel_model
+from moe_train.parallel.parallelize import parallelize
 from moe_train.parallel.param_meta import get_meta, shard_box
 
 WORLD = 4
@@ -106,6 +108,21 @@ def test_meta_build_has_no_storage() -> None:
     assert all(p.is_meta for p in model.parameters())
 
 
+def test_dry_run_shows_the_measured_peak_next_to_the_estimate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from moe_train.cli import main
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--dry-run", "--world-size", "2", "parallel.tp=2", f"run.dir={run_dir}", *BIG]
+    assert main(args) == 0
+    assert "measured peak memory: none yet" in capsys.readouterr().out
+    run_dir.mkdir()
+    lines = [{"step": 1, "peak_mem_gb": 0.5}, {"step": 1, "val_loss": {"all": 3.0}}, {"step": 2, "peak_mem_gb": 0.75}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "most loaded rank" in out and "max over ranks and steps): 0.750 GiB" in out
+
+
 # -- distributed checks ---------------------------------------------------------------------------
 
 
@@ -182,7 +199,17 @@ def check_build_allocates_only_shards(rank: int, world_size: int) -> dict[str, i
     rope = sum(b.numel() * b.element_size() for chunk in pm.chunks for b in chunk.buffers() if b.dim() == 2)
     full = sum(t.numel() * t.element_size() for t in _unique_tensors([build_model(cfg, device="meta")]))
     buckets = sum(b.buffer.numel() * b.buffer.element_size() for b in pm.reducer.buckets)  # gradient buffers
-    return {"allocated": counter.bytes, "local": local, "rope": rope, "full": full, "grad_buckets": buckets}
+    twin = AllocationCounter()  # the old way: the whole model on every rank, then sliced
+    with twin:
+        parallelize(build_model(cfg), build_process_groups(cfg, WORLD, rank), cfg)
+    return {
+        "allocated": counter.bytes,
+        "local": local,
+        "rope": rope,
+        "full": full,
+        "grad_buckets": buckets,
+        "full_then_slice": twin.bytes,
+    }
 
 
 def check_checkpoint_reads_only_own_boxes(rank: int, world_size: int, root: Path) -> dict[str, int]:
@@ -263,6 +290,7 @@ def test_build_allocates_only_the_ranks_shards(results: list[dict[str, Any]]) ->
         bound = m["local"] + m["grad_buckets"] + 3 * m["rope"] + 4096  # RoPE: angles, cos, sin
         assert m["allocated"] <= bound, (rank, m)
         assert m["grad_buckets"] <= m["local"], (rank, m)
+        assert m["full_then_slice"] >= m["full"] + m["local"], (rank, m)  # twin: the counter sees a whole model
 
 
 def test_checkpoint_load_reads_only_own_boxes(results: list[dict[str, Any]]) -> None:
