@@ -234,6 +234,9 @@ def check_checkpoint_reads_only_own_boxes(rank: int, world_size: int, root: Path
         out[name] = readers[-1].elements_read
         out[f"{name}_local"] = sum(math.prod(shard_box(get_meta(t), groups2)[1]) for t in _unique_tensors(pm2.chunks))
     out["full"] = sum(t.numel() for t in _unique_tensors([build_model(cfg, device="meta")]))
+    with mock.patch.object(dist_checkpoint, "_Reader", recording_reader):  # twin: a reader of whole tensors
+        dist_checkpoint.load_canonical_tensors(path)
+    out["whole_read"] = readers[-1].elements_read
     return out
 
 
@@ -299,6 +302,7 @@ def test_checkpoint_load_reads_only_own_boxes(results: list[dict[str, Any]]) -> 
         for name in ("ep2_etp2", "tp2_ep2_folded"):  # exactly the elements of the rank's own boxes
             assert m[name] == m[f"{name}_local"], (rank, name, m)
         assert m["tp2_ep2_folded"] < 0.6 * m["full"], (rank, m)  # ep2_etp2 keeps the dense part whole (dp4)
+        assert m["whole_read"] == m["full"], (rank, m)  # twin: the count does see a whole-model read
 
 
 def test_training_ranks_hold_a_fraction_of_the_model(results: list[dict[str, Any]]) -> None:
