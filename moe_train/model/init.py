@@ -78,11 +78,20 @@ def _raw_pairs(key: np.ndarray, start: int, count: int) -> np.ndarray:
 
 
 def normal_from_pairs(raw_N2: np.ndarray) -> np.ndarray:
-    """Box–Muller (cosine branch) on raw 64-bit pairs -> float64 standard normals [N]."""
+    """Box–Muller (cosine branch) on raw 64-bit pairs -> float64 standard normals [N] (in place where
+    possible: two float64 temporaries of N)."""
     scale = 2.0**-53
-    u1 = ((raw_N2[:, 0] >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * scale  # (0, 1]
-    u2 = (raw_N2[:, 1] >> np.uint64(11)).astype(np.float64) * scale  # [0, 1)
-    return np.sqrt(-2.0 * np.log(u1)) * np.cos((2.0 * math.pi) * u2)
+    u1 = ((raw_N2[:, 0] >> np.uint64(11)) + np.uint64(1)).astype(np.float64)
+    u1 *= scale  # (0, 1]
+    u2 = (raw_N2[:, 1] >> np.uint64(11)).astype(np.float64)
+    u2 *= scale  # [0, 1)
+    np.log(u1, out=u1)
+    u1 *= -2.0
+    np.sqrt(u1, out=u1)
+    u2 *= 2.0 * math.pi
+    np.cos(u2, out=u2)
+    u1 *= u2
+    return u1
 
 
 def box_runs(shape: tuple[int, ...], offsets: list[int], lengths: list[int]) -> Iterator[tuple[int, int]]:
@@ -123,7 +132,8 @@ def fill_normal_box(
     def flush() -> None:
         nonlocal pos, pending, pending_n
         if pending_n:
-            values_N = normal_from_pairs(np.concatenate(pending) if len(pending) > 1 else pending[0]) * std
+            values_N = normal_from_pairs(np.concatenate(pending) if len(pending) > 1 else pending[0])
+            values_N *= std
             flat[pos : pos + pending_n].copy_(torch.from_numpy(values_N))
             pos, pending, pending_n = pos + pending_n, [], 0
 
