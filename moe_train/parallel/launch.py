@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -84,7 +85,10 @@ def init_distributed(cfg: Config, env: Mapping[str, str] | None = None) -> Proce
         if backend == "nccl":
             torch.cuda.set_device(launch.local_rank)
         validate_layout(cfg, launch.world_size)  # fail before paying for the rendezvous
-        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank, world_size=launch.world_size)
+        timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout
+        )
         logger.info("torch.distributed initialized: backend %s, world size %d", backend, launch.world_size)
     return build_process_groups(cfg, dist.get_world_size(), dist.get_rank())
 
