@@ -30,7 +30,7 @@ from moe_train.parallel.checkpoint_files import list_checkpoints
 from moe_train.train.trainer import Trainer
 
 Case = tuple[str, list[str], Callable[[Path], None] | None]
-"""(name, CLI arguments after `train`, a function that damages a copy of the fixtures first)."""
+"""(name, CLI arguments after `train`, a function that damages the fresh copies under the root first)."""
 
 
 def _wrong_value(tp: Any) -> str:
@@ -136,7 +136,7 @@ def _yaml_cases(root: Path) -> list[Case]:
         "yaml list": "- 1\n- 2\n",
         "yaml scalar section": "model: 5\n",
         "yaml unknown section": "modle:\n  hidden_size: 4\n",
-        "yaml wrong type": "train:\n  max_steps: many\n",
+        "yaml wrong type": "train:\n  eval_at_start: sometimes\n",
     }
     cases: list[Case] = []
     for name, text in texts.items():
@@ -186,7 +186,7 @@ def _data_cases(root: Path) -> list[Case]:
         ),
     }
     base = [f"data.dir={root / 'data'}", "data.mock=false", f"model.vocab_size={VOCAB}", "train.seq_len=16"]
-    cases: list[Case] = [(f"data {name}", base, damage) for name, damage in damages.items()]
+    cases: list[Case] = [(f"data {name}", base, _under(damage, "data")) for name, damage in damages.items()]
     cases += [
         ("data dir missing", [*base[1:], f"data.dir={root / 'nope'}"], None),
         ("vocab smaller than tokenizer", [*base, "model.vocab_size=300"], None),
@@ -198,8 +198,15 @@ def _data_cases(root: Path) -> list[Case]:
     return cases
 
 
-def _checkpoint_cases(run_dir: Path) -> list[Case]:
-    newest = list_checkpoints(run_dir)[-1]
+def _under(damage: Callable[[Path], None], name: str) -> Callable[[Path], None]:
+    """A damage of <root>/<name> as a damage of <root>."""
+    return lambda root: damage(root / name)
+
+
+def _checkpoint_cases(root: Path) -> list[Case]:
+    """Cases on <root>/run, a copy of a finished run with checkpoints at steps 1 and 2."""
+    run_dir = root / "run"
+    newest = run_dir / "checkpoints" / "step_00000002"
     explicit = [f"checkpoint.resume={newest}"]
     cases: list[Case] = [
         ("ckpt truncated shard", explicit, lambda _: _truncate(newest / "shard_00000.pt", 50)),
@@ -264,13 +271,13 @@ def _one_line_error(stderr: str) -> bool:
 
 def test_invalid_inputs_are_rejected_cleanly(fixtures: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = fixtures
-    cases = _config_cases() + _yaml_cases(root) + _data_cases(root) + _checkpoint_cases(root / "run")
+    cases = _config_cases() + _yaml_cases(root) + _data_cases(root) + _checkpoint_cases(root)
     assert len(cases) >= 100
-    failures = []
+    failures, messages = [], {}
     for name, args, damage in cases:
-        data, run = _fresh(root)
+        _, run = _fresh(root)
         if damage is not None:
-            damage(data)
+            damage(root)
         before = _tree_hash(run)
         base = [*TINY, f"run.dir={run}", "train.max_steps=3", "checkpoint.resume=latest"]
         flags, overrides = _split_flags(args)
@@ -282,6 +289,7 @@ def test_invalid_inputs_are_rejected_cleanly(fixtures: Path, capsys: pytest.Capt
             failures.append(f"{name}: raised {exc.__class__.__name__}: {str(exc)[:200]}")
             continue
         stderr = capsys.readouterr().err
+        messages[name] = stderr.strip().splitlines()[-1] if stderr.strip() else ""
         if status == 0 or not _one_line_error(stderr):
             failures.append(f"{name}: status {status}, stderr {stderr[-300:]!r}")
         elif _tree_hash(run) != before:
@@ -289,6 +297,9 @@ def test_invalid_inputs_are_rejected_cleanly(fixtures: Path, capsys: pytest.Capt
     with capsys.disabled():
         print(f"\ninvalid inputs: {len(cases)} cases, {len(cases) - len(failures)} rejected cleanly")
     assert not failures, "\n".join(failures)
+    if os.environ.get("MOE_TRAIN_SHOW_ERRORS"):
+        with capsys.disabled():
+            print("\n".join(f"{name}: {message}" for name, message in messages.items()))
 
 
 def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
