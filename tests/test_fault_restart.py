@@ -1,8 +1,8 @@
 """Faults across ranks, through the real launcher (`torchrun -m moe_train.cli train`, gloo on CPU):
 
 - SIGKILL of rank 2 of 4 mid-run after a checkpoint exists, with `--max-restarts 1`: the job restarts
-  from the last complete checkpoint and finishes; its sample ledger equals the uninterrupted run's line
-  for line, its losses and final parameters equal the single-process run's (parity tolerance).
+  from the last complete checkpoint and finishes; its sample ledger, losses and final parameters equal
+  the uninterrupted run's (same launcher and layout) exactly. Twin: without a restart the job fails.
 - A rank that sleeps inside the gradient-reduction collective: the watchdog of that rank names itself
   and the phase, and the job fails fast (before the sleep ends) instead of hanging.
 """
@@ -21,11 +21,9 @@ import pytest
 import torch
 from test_train import TINY
 
-from moe_train.config import load_config
 from moe_train.parallel.checkpoint_files import list_checkpoints
 from moe_train.parallel.dist_checkpoint import load_canonical_tensors
 from moe_train.train.faults import ENV
-from moe_train.train.trainer import Trainer
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 RUN = [*TINY, "train.max_steps=6", "checkpoint.every=2", "checkpoint.resume=auto", "data.ledger=true"]
@@ -48,21 +46,22 @@ def test_sigkill_one_rank_restarts_without_losing_samples(tmp_path: Path) -> Non
     killed = tmp_path / "killed"
     proc = _torchrun(4, 1, [*RUN, f"run.dir={killed}"], "sigkill,step=4,rank=2")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Signals.SIGKILL" in proc.stderr or "SIGKILL" in proc.stderr  # the kill did happen
+    assert "exitcode: -9" in proc.stderr  # the kill did happen (torchrun reports the signal)
     assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
-    reference_dir = tmp_path / "reference"
-    reference = Trainer(load_config(None, [*RUN, f"run.dir={reference_dir}"])).fit()
+    reference_dir = tmp_path / "reference"  # the uninterrupted run, same launcher and layout
+    proc = _torchrun(4, 0, [*RUN, f"run.dir={reference_dir}"], "")
+    assert proc.returncode == 0, proc.stderr[-4000:]
     assert (killed / "ledger.jsonl").read_text() == (reference_dir / "ledger.jsonl").read_text()
-    lines = _metrics(killed)
+    lines, reference = _metrics(killed), _metrics(reference_dir)
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
-    for got, want in zip(lines, reference, strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
+    assert [line["loss"] for line in lines] == [line["loss"] for line in reference]
     final, want_final = list_checkpoints(killed)[-1], list_checkpoints(reference_dir)[-1]
     assert final.name == want_final.name == "step_00000006"
     got_params, want_params = load_canonical_tensors(final), load_canonical_tensors(want_final)
     assert got_params.keys() == want_params.keys()
-    for name, tensor in want_params.items():
-        torch.testing.assert_close(got_params[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(torch.equal(got_params[name], tensor) for name, tensor in want_params.items())
+    twin = _torchrun(4, 0, [*RUN, f"run.dir={tmp_path / 'no_restart'}"], "sigkill,step=4,rank=2")
+    assert twin.returncode != 0 and not (tmp_path / "no_restart" / "checkpoints" / "step_00000006").exists()
 
 
 def test_watchdog_names_the_sleeping_rank_and_phase(tmp_path: Path) -> None:
@@ -77,4 +76,4 @@ def test_watchdog_names_the_sleeping_rank_and_phase(tmp_path: Path) -> None:
     assert found is not None, proc.stderr[-4000:]
     elapsed, limit = float(found.group(1)), float(found.group(2))
     assert limit >= 5 and elapsed < sleep_s  # fired while the rank was still asleep
-    assert "exitcode  : 17" in proc.stderr or "exit code 17" in proc.stderr or "17" in proc.stderr
+    assert re.search(r"exitcode\s*: 17 ", proc.stderr), proc.stderr[-3000:]  # the watchdog's exit status
