@@ -279,7 +279,8 @@ class AnomalyConfig:
     window: int = 50
     """Clean steps in the spike-detection window (detection starts once it is full)."""
     on_spike: str = "skip"
-    """What a spike does: 'skip' (the step trains nothing) or 'stop'."""
+    """What a spike does: 'skip' (the step trains nothing), 'rollback' (reload the newest checkpoint and never
+    train on the samples from it through the spiking batch) or 'stop'."""
     max_consecutive: int = 5
     """More consecutive anomalous steps than this stop the run (one line naming the step and its samples)."""
 
@@ -671,7 +672,7 @@ def _validate_train(cfg: Config) -> None:
 def _validate_fault_tolerance(cfg: Config) -> None:
     a, w = cfg.train.anomaly, cfg.train.watchdog
     _one_of(cfg, "train.anomaly.on_nan", ("skip", "stop"))
-    _one_of(cfg, "train.anomaly.on_spike", ("skip", "stop"))
+    _one_of(cfg, "train.anomaly.on_spike", ("skip", "rollback", "stop"))
     _require(a.spike_zscore >= 0, f"train.anomaly.spike_zscore ({a.spike_zscore}) must be >= 0 (0 disables)")
     _positive(cfg, "train.anomaly.window", "train.watchdog.floor_s", "train.watchdog.checkpoint_s")
     _positive(cfg, "train.watchdog.poll_s", "train.watchdog.exit_code", "parallel.collective_timeout_s")

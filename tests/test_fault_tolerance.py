@@ -47,19 +47,25 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     return run_dir, records
 
 
-@pytest.fixture(scope="module")
-def without_bad_batch(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    """Losses of a run that never trains on the batch of step BAD: the same data order, that batch handed
-    out by the sampler and dropped (no forward, no update); the step counter moves on (LR schedule)."""
-    trainer = Trainer(tiny_config(tmp_path_factory.mktemp("ref"), *RUN, "checkpoint.every=0"))
+def _never_seeing(run_dir: Path, dropped: set[int], *extra: str) -> dict[int, float]:
+    """Losses of a run that never trains on the batches of the 0-based steps `dropped`: the same data
+    order, those batches handed out by the sampler and dropped (no forward, no update); the step counter
+    moves on (LR schedule)."""
+    trainer = Trainer(tiny_config(run_dir, *RUN, "checkpoint.every=0", *extra))
     losses = {}
-    for step in range(STEPS):
-        if step == BAD:
+    for step in range(trainer.cfg.train.max_steps):
+        if step in dropped:
             trainer.micro_batches(trainer.state.consumed_samples)
         else:
             losses[step + 1] = trainer.train_step().loss
         trainer.state = TrainState(step + 1, trainer.state.consumed_samples + trainer.cfg.train.global_batch_size)
     return losses
+
+
+@pytest.fixture(scope="module")
+def without_bad_batch(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Losses of a run that never trains on the batch of step BAD."""
+    return _never_seeing(tmp_path_factory.mktemp("ref"), {BAD})
 
 
 # -- verified checkpoints ------------------------------------------------------------------------
@@ -159,6 +165,25 @@ def test_spike_skipped_and_twin_without_detection(
     assert _later(_losses(records)) == _later(without_bad_batch)
     twin = Trainer(tiny_config(tmp_path / "off", *RUN, "checkpoint.every=0")).fit()  # detection off
     assert twin[BAD]["skipped"] == 0 and _later(_losses(twin)) != _later(without_bad_batch)
+
+
+def test_spike_rollback_skips_back_to_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spike at step 6 (0-based 5), checkpoint at step 4: steps 5-6 are replayed as skipped."""
+    monkeypatch.setenv(ENV, "spike,step=5,scale=30")
+    spike = ["train.anomaly.spike_zscore=6", "train.anomaly.window=3", "train.anomaly.on_spike=rollback"]
+    run_dir = tmp_path / "rollback"
+    records = Trainer(tiny_config(run_dir, *RUN, "train.max_steps=8", "checkpoint.every=4", *spike)).fit()
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["skipped"] for r in records] == [0, 0, 0, 0, 1, 1, 0, 0]
+    reference = _never_seeing(tmp_path / "ref", {4, 5}, "train.max_steps=8")
+    assert [r["loss"] for r in records[6:]] == [reference[7], reference[8]]
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 9)
+    )
+    ledger_steps = [json.loads(line)["step"] for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert ledger_steps == [s for s in range(1, 9) for _ in range(8)]  # each step's batch once
+    skip_only = _never_seeing(tmp_path / "ref_skip", {5}, "train.max_steps=8")  # twin: skip is not rollback
+    assert [r["loss"] for r in records[6:]] != [skip_only[7], skip_only[8]]
 
 
 def test_consecutive_anomalies_stop_naming_step_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

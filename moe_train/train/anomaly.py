@@ -12,6 +12,8 @@ stops or continues alike, with no extra collective.
   dropped, the expert bias and the streaming LBL state are not updated and the mixture policy does not
   see its losses; the step counter and the data position advance (the batch is consumed), so the LR
   schedule stays that of a clean run. The samples are logged to `<run.dir>/anomalies.jsonl`.
+- Spike with `on_spike: rollback` (moe_train.train.rollback): reload the newest checkpoint and never train
+  on the samples from there to the end of the spiking batch.
 - More than `max_consecutive` anomalies in a row: AnomalyError naming the step, domains and sample ids.
 """
 
@@ -58,6 +60,8 @@ class AnomalyGuard:
         self.window: deque[float] = deque(maxlen=cfg.window)
         self.counts = {"nan": 0, "spike": 0}
         self.consecutive = 0
+        self.skip_ranges: list[tuple[int, int]] = []
+        """Global sample ranges [lo, hi) that a rollback decided never to train on."""
 
     def judge(self, loss: float, grad_norm: float) -> Verdict:
         """Classify a step from its reduced loss and global gradient norm (equal on every rank)."""
@@ -87,19 +91,29 @@ class AnomalyGuard:
             return True
         return verdict.kind is not None and self.consecutive > self.cfg.max_consecutive
 
+    def drops(self, first_sample: int) -> bool:
+        """Whether the batch starting at global sample `first_sample` lies in a rolled-back range."""
+        return any(lo <= first_sample < hi for lo, hi in self.skip_ranges)
+
     def metrics(self, skipped: bool) -> dict[str, Any]:
         """Counters for metrics.jsonl / TensorBoard."""
         return {"skipped": int(skipped), "anomaly_nan": self.counts["nan"], "anomaly_spike": self.counts["spike"]}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state saved with checkpoints (a resumed run decides as the uninterrupted one)."""
-        return {"window": list(self.window), "counts": dict(self.counts), "consecutive": self.consecutive}
+        return {
+            "window": list(self.window),
+            "counts": dict(self.counts),
+            "consecutive": self.consecutive,
+            "skip_ranges": [list(r) for r in self.skip_ranges],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state_dict()."""
         self.window.extend(float(x) for x in state["window"])
         self.counts.update({k: int(v) for k, v in state["counts"].items()})
         self.consecutive = int(state["consecutive"])
+        self.skip_ranges = [(int(lo), int(hi)) for lo, hi in state.get("skip_ranges", [])]
 
 
 def describe_samples(domains: list[str], domain_G: list[int], sample_G: list[int], limit: int = 16) -> str:
@@ -119,27 +133,28 @@ def log_anomaly(run_dir: Path, step: int, verdict: Verdict, action: str, samples
     log.warning("step %d: %s (%s): %s", step, verdict.kind, verdict.detail, action)
 
 
-def screen_step(trainer: Trainer, step: int, result: StepResult) -> bool:
-    """Judge the step the trainer just computed (0-based `step`); True when it must be skipped.
+def screen_step(trainer: Trainer, step: int, result: StepResult) -> str | None:
+    """Judge the step the trainer just computed (0-based `step`): None (train it), 'skip' or 'rollback'.
 
     Raises AnomalyError when the run must stop. Rank 0 logs every anomaly to anomalies.jsonl."""
     guard = trainer.anomaly
     verdict = guard.judge(result.loss, result.grad_norm)
     guard.record(verdict, result.loss)
     if verdict.kind is None:
-        return False
+        return None
     plan = trainer.data.current
     domain_G = plan.domain_G.tolist() if plan is not None else []
     sample_G = plan.sample_G.tolist() if plan is not None else []
     data = describe_samples(trainer.source.domains, domain_G, sample_G)
     stop = guard.must_stop(verdict)
+    action = "rollback" if verdict.kind == "spike" and guard.cfg.on_spike == "rollback" else "skip"
     if trainer.is_main:
         samples = {"domains": sorted({trainer.source.domains[d] for d in domain_G}), "samples": sample_G}
-        log_anomaly(trainer.run_dir, step + 1, verdict, "stop" if stop else "skip", samples)
+        log_anomaly(trainer.run_dir, step + 1, verdict, "stop" if stop else action, samples)
     if stop:
         raise AnomalyError(
             f"training stopped at step {step + 1}: {verdict.kind} ({verdict.detail}), {guard.consecutive} anomalous"
             f" step(s) in a row (train.anomaly.on_nan={guard.cfg.on_nan}, on_spike={guard.cfg.on_spike},"
             f" max_consecutive={guard.cfg.max_consecutive}); data: {data}"
         )
-    return True
+    return action

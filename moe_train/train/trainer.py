@@ -38,6 +38,7 @@ from moe_train.train.optim import build_optimizer, set_lr
 from moe_train.train.peak import MfuMeter, device_peak
 from moe_train.train.preemption import PreemptionHandler
 from moe_train.train.progress import ProgressBar
+from moe_train.train.rollback import roll_back
 from moe_train.train.schedule import lr_at, schedule_change_warning
 from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
 from moe_train.train.watchdog import Watchdog
@@ -66,6 +67,8 @@ class StepResult:
     """Routed assignments per MoE layer, domain and expert of the step's global batch."""
     skipped: bool = False
     """The step was an anomaly (moe_train.train.anomaly) and trained nothing."""
+    rolled_back: bool = False
+    """The step spiked and the run went back to its last checkpoint (moe_train.train.rollback)."""
 
 
 def _device() -> torch.device:
@@ -187,6 +190,8 @@ class Trainer:
         self.pmodel.train()
         with phase("data"):
             batches = self.micro_batches(self.state.consumed_samples)
+        if self.anomaly.drops(self.state.consumed_samples):  # rolled back: handed out, never trained
+            return StepResult(math.nan, math.nan, math.nan, math.nan, math.nan, skipped=True)
         with phase("forward"):
             self.balancer.begin_step(batches, self.device, self._autocast())  # global LBL: the counting pass
         if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
@@ -203,9 +208,11 @@ class Trainer:
                 stats.lm_loss *= self.faults.corrupt(step, list(self.pmodel.parameters()))
                 grad_norm = self._clip()
         result = self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
-        if screen_step(self, step, result) and not self.deepspeed:  # identical on every rank
+        action = screen_step(self, step, result)  # identical on every rank
+        if action is not None and not self.deepspeed:
             self.optimizer.zero_grad(set_to_none=True)
             result.skipped = True
+            result.rolled_back = action == "rollback" and roll_back(self, step)
             return result
         if not self.deepspeed:
             with phase("optimizer"):
@@ -290,7 +297,11 @@ class Trainer:
                     self._validate()
                 data_hooks.maybe_evaluate(self)
                 while self.state.step < t.max_steps:
-                    records.append(self._one_step())
+                    record = self._one_step()
+                    if record is None:  # rolled back: drop the records of the undone steps
+                        records = [r for r in records if r["step"] <= self.state.step]
+                        continue
+                    records.append(record)
                     if preemption.should_stop(self.groups, self.device):
                         self._preempted(preemption.signal_name())
                         break
@@ -301,12 +312,16 @@ class Trainer:
             self.data.close()
         return records
 
-    def _one_step(self) -> dict[str, Any]:
-        """Train one step, record it, then validation and checkpoints as due; returns its record."""
+    def _one_step(self) -> dict[str, Any] | None:
+        """Train one step, record it, then validation and checkpoints as due; returns its record (None
+        after a rollback)."""
         t = self.cfg.train
         start = time.perf_counter()
         self.watchdog.step_started(self.state.step)
         result = self.train_step()
+        if result.rolled_back:
+            self.watchdog.step_finished(time.perf_counter() - start)
+            return None
         self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
         elapsed = time.perf_counter() - start
         self.watchdog.step_finished(elapsed)
