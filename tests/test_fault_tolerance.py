@@ -114,6 +114,11 @@ def test_bit_flip_refused_and_size_mode_twin(clean: tuple[Path, list[dict]], tmp
     assert resolve_resume(run_dir, "auto") == list_checkpoints(run_dir)[-2]
     # twin: size-only verification cannot see a flipped bit
     assert resolve_resume(run_dir, str(newest), verify="size") == newest
+    # the checksums are shared out over ranks: only the rank owning the damaged file sees the flip
+    names = sorted(json.loads((newest / MANIFEST).read_text())["files"])
+    index = names.index("shard_00000.pt")
+    assert verify_checkpoint(newest, "sha256", rank=index % 2, world_size=2) is not None
+    assert verify_checkpoint(newest, "sha256", rank=1 - index % 2, world_size=2) is None
 
 
 def test_no_manifest_is_accepted_with_warning(

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from moe_train.utils.logging import get_logger
 
@@ -68,11 +69,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def resolve_resume(run_dir: str | Path, resume: str | None, verify: str = "sha256") -> Path | None:
+def resolve_resume(
+    run_dir: str | Path, resume: str | None, verify: str = "sha256", rank: int = 0, world_size: int = 1
+) -> Path | None:
     """Map checkpoint.resume ('latest', 'auto', a path, or None) to a verified checkpoint directory.
 
     'latest' / 'auto' fall back to the newest checkpoint that verifies, warning about each newer one
-    that does not; an explicit path that does not verify is a CheckpointError."""
+    that does not; an explicit path that does not verify is a CheckpointError. With world_size > 1 every
+    rank must call this (torch.distributed initialized): each hashes its share of the files and the
+    ranks agree on the verdict (`agree_on_problem`)."""
     if resume is None:
         return None
     if resume in ("auto", "latest"):
@@ -82,7 +87,7 @@ def resolve_resume(run_dir: str | Path, resume: str | None, verify: str = "sha25
         if not found:
             raise CheckpointError(f"checkpoint.resume=latest but {checkpoint_root(run_dir)} holds no checkpoint")
         for path in reversed(found):
-            problem = verify_checkpoint(path, verify)
+            problem = agree_on_problem(verify_checkpoint(path, verify, rank, world_size), world_size)
             if problem is None:
                 return path
             log.warning("checkpoint %s is damaged (%s); falling back to the previous one", path, problem)
@@ -92,7 +97,7 @@ def resolve_resume(run_dir: str | Path, resume: str | None, verify: str = "sha25
     path = Path(resume)
     if not (path / "index.json").is_file():
         raise CheckpointError(f"checkpoint.resume ({resume}) is not a checkpoint directory (no index.json)")
-    problem = verify_checkpoint(path, verify)
+    problem = agree_on_problem(verify_checkpoint(path, verify, rank, world_size), world_size)
     if problem is not None:
         raise CheckpointError(f"checkpoint.resume ({resume}) fails verification: {problem}")
     return path
@@ -139,9 +144,21 @@ def write_manifest(directory: Path) -> None:
         os.fsync(f.fileno())
 
 
-def verify_checkpoint(path: Path, mode: str = "sha256") -> str | None:
+def agree_on_problem(problem: str | None, world_size: int) -> str | None:
+    """The first rank's problem if any rank found one (a collective when world_size > 1)."""
+    if world_size == 1 or not dist.is_initialized():
+        return problem
+    problems: list[str | None] = [None] * world_size
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
+def verify_checkpoint(path: Path, mode: str = "sha256", rank: int = 0, world_size: int = 1) -> str | None:
     """None when every file of the manifest is present with its size (and sha256 for mode 'sha256');
-    else what is wrong, naming the file. A checkpoint without a manifest passes with a warning."""
+    else what is wrong, naming the file. A checkpoint without a manifest passes with a warning.
+
+    Every rank checks every size; the checksums are shared out: rank r hashes the files i (in name order)
+    with i % world_size == r, so a large checkpoint is read once over all ranks, not once per rank."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         log.warning("checkpoint %s has no %s (written by an older version): it cannot be verified", path, MANIFEST)
@@ -160,8 +177,9 @@ def verify_checkpoint(path: Path, mode: str = "sha256") -> str | None:
         size = file.stat().st_size
         if size != entry["bytes"]:
             return f"{file} has {size} bytes, the manifest says {entry['bytes']} (truncated?)"
-        if mode == "sha256" and file_digest(file)[0] != entry["sha256"]:
-            return f"{file} does not match its sha256 in the manifest (corrupted)"
+    for i, (name, entry) in enumerate(sorted(files.items())):
+        if mode == "sha256" and i % world_size == rank and file_digest(path / name)[0] != entry["sha256"]:
+            return f"{path / name} does not match its sha256 in the manifest (corrupted)"
     return None
 
 

@@ -29,7 +29,9 @@ def roll_back(trainer: Trainer, step: int) -> bool:
     spiking step is only skipped) when there is no checkpoint to go back to."""
     cfg = trainer.cfg
     try:
-        path = resolve_resume(trainer.run_dir, "latest", cfg.checkpoint.verify)
+        path = resolve_resume(
+            trainer.run_dir, "latest", cfg.checkpoint.verify, trainer.groups.rank, trainer.groups.world_size
+        )
     except CheckpointError:
         path = None
     if path is None:

@@ -95,7 +95,9 @@ class Trainer:
         validate_layout(cfg, self.groups.world_size)
         validate_data(cfg)
         self.data = TrainData(cfg, self.groups.dp_rank, self.groups.dp_size)  # may raise: before run.dir exists
-        resume_path = ckpt.resolve_resume(cfg.run.dir, cfg.checkpoint.resume, cfg.checkpoint.verify)
+        resume_path = ckpt.resolve_resume(
+            cfg.run.dir, cfg.checkpoint.resume, cfg.checkpoint.verify, self.groups.rank, self.groups.world_size
+        )
         self.cfg = cfg
         self.is_main = self.groups.rank == 0
         self.run_dir = prepare_run_dir(cfg)
