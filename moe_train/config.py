@@ -348,8 +348,8 @@ class CheckpointConfig:
     """'latest' (newest checkpoint in <run.dir>/checkpoints), 'auto' (the newest if there is one, else a fresh
     run: for requeued jobs), a checkpoint path, or null for a fresh run."""
     verify: str = "sha256"
-    """How a checkpoint is checked against its manifest before resuming: 'sha256' (sizes and checksums of every
-    file) or 'size' (sizes only: fast for huge checkpoints, catches truncation but not bit flips)."""
+    """Checkpoint manifests: 'sha256' (saves record, and resumes check, the size and sha256 of every file) or
+    'size' (sizes only: no file is read back on save or resume; catches truncation but not bit flips)."""
 
 
 @dataclass

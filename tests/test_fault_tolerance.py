@@ -132,6 +132,17 @@ def test_no_manifest_is_accepted_with_warning(
     assert "cannot be verified" in caplog.text
 
 
+def test_size_only_manifest(tmp_path: Path) -> None:
+    """checkpoint.verify=size: no checksums written (nothing read back on save), truncation still caught."""
+    Trainer(tiny_config(tmp_path, "train.max_steps=1", "checkpoint.verify=size")).fit()
+    (newest,) = list_checkpoints(tmp_path)
+    files = json.loads((newest / MANIFEST).read_text())["files"]
+    assert all(entry["sha256"] is None for entry in files.values()) and verify_checkpoint(newest) is None
+    _truncate_bytes = (newest / "trainer.pt").read_bytes()[:-1]
+    (newest / "trainer.pt").write_bytes(_truncate_bytes)
+    assert "truncated" in str(verify_checkpoint(newest))
+
+
 def test_every_checkpoint_damaged_is_refused(clean: tuple[Path, list[dict]], tmp_path: Path) -> None:
     run_dir = _copy(clean, tmp_path)
     for path in list_checkpoints(run_dir):

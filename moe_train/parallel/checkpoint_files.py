@@ -117,14 +117,16 @@ def file_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def write_file_sum(path: Path) -> None:
-    """A rank records the digest of a file it wrote (`<file>.sha256`), for rank 0's manifest."""
-    hexdigest, size = file_digest(path)
+def write_file_sum(path: Path, checksum: bool = True) -> None:
+    """A rank records the digest of a file it wrote (`<file>.sha256`), for rank 0's manifest; without
+    `checksum` only its size ('-' for the digest)."""
+    hexdigest, size = file_digest(path) if checksum else ("-", path.stat().st_size)
     path.with_name(path.name + SUM_SUFFIX).write_text(f"{hexdigest} {size}\n")
 
 
-def write_manifest(directory: Path) -> None:
-    """Rank 0, last file of a save: digests of every file (from the ranks' `.sha256` files where present)."""
+def write_manifest(directory: Path, checksum: bool = True) -> None:
+    """Rank 0, last file of a save: digests of every file (from the ranks' `.sha256` files where present);
+    without `checksum` sizes only (sha256 null)."""
     files: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.iterdir()):
         if path.name == MANIFEST or path.name.endswith(SUM_SUFFIX) or not path.is_file():
@@ -134,8 +136,8 @@ def write_manifest(directory: Path) -> None:
             hexdigest, size_text = summed.read_text().split()
             size = int(size_text)
         else:
-            hexdigest, size = file_digest(path)
-        files[path.name] = {"bytes": size, "sha256": hexdigest}
+            hexdigest, size = file_digest(path) if checksum else ("-", path.stat().st_size)
+        files[path.name] = {"bytes": size, "sha256": None if hexdigest == "-" else hexdigest}
     for summed in directory.glob(f"*{SUM_SUFFIX}"):
         summed.unlink()
     with (directory / MANIFEST).open("w") as f:
@@ -178,7 +180,9 @@ def verify_checkpoint(path: Path, mode: str = "sha256", rank: int = 0, world_siz
         if size != entry["bytes"]:
             return f"{file} has {size} bytes, the manifest says {entry['bytes']} (truncated?)"
     for i, (name, entry) in enumerate(sorted(files.items())):
-        if mode == "sha256" and i % world_size == rank and file_digest(path / name)[0] != entry["sha256"]:
+        if mode != "sha256" or i % world_size != rank or entry["sha256"] is None:  # None: saved size-only
+            continue
+        if file_digest(path / name)[0] != entry["sha256"]:
             return f"{path / name} does not match its sha256 in the manifest (corrupted)"
     return None
 

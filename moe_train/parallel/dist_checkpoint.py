@@ -145,10 +145,12 @@ def save_distributed_checkpoint(
     config: dict[str, Any],
     keep_last: int,
     extra_json: dict[str, Any] | None = None,
+    checksums: bool = True,
 ) -> Path:
     """Every rank calls this; writes `<run_dir>/checkpoints/step_NNNNNNNN` atomically, returns it.
 
-    extra_json: {name: JSON-able object} written by rank 0 as `<name>.json` (e.g. the data state)."""
+    extra_json: {name: JSON-able object} written by rank 0 as `<name>.json` (e.g. the data state).
+    checksums: sha256 of every file in the manifest (False: sizes only, no file is read back)."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{state.step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -162,7 +164,7 @@ def save_distributed_checkpoint(
     chunks = _local_chunks(entries, optim_state, groups)
     name = f"shard_{groups.rank:05d}"
     _save_file({key: tensor for key, (tensor, _, _) in chunks.items()}, tmp / f"{name}.pt")
-    write_file_sum(tmp / f"{name}.pt")  # each rank hashes its own shard; rank 0 merges the manifest
+    write_file_sum(tmp / f"{name}.pt", checksums)  # each rank hashes its own shard; rank 0 merges the manifest
     listing = {
         key: {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."), "offsets": box[0], "lengths": box[1]}
         for key, (t, shape, box) in chunks.items()
@@ -172,17 +174,19 @@ def save_distributed_checkpoint(
     if groups.rank == 0:
         for name, obj in (extra_json or {}).items():
             (tmp / f"{name}.json").write_text(json.dumps(obj))
-        _commit(tmp, final, state, config, groups.world_size, keep_last)
+        _commit(tmp, final, state, config, groups.world_size, keep_last, checksums)
     _barrier(groups)
     return final
 
 
-def _commit(tmp: Path, final: Path, state: TrainState, config: dict[str, Any], world_size: int, keep: int) -> None:
+def _commit(
+    tmp: Path, final: Path, state: TrainState, config: dict[str, Any], world_size: int, keep: int, checksums: bool
+) -> None:
     """Rank 0: index, trainer state, config; then the atomic rename and pruning."""
     (tmp / INDEX).write_text(json.dumps(_merge_index(tmp, world_size)))
     _save_file({"train_state": vars(state), "rng": rng_state()}, tmp / "trainer.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    write_manifest(tmp)  # last: a directory with a manifest that verifies is complete
+    write_manifest(tmp, checksums)  # last: a directory with a manifest that verifies is complete
     fsync_dir(tmp)
     old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
     if final.exists():  # re-saving a step: keep a complete copy under some name at every moment

@@ -142,7 +142,10 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _restore(self, path: Path) -> None:
-        self.state, rng = load_distributed_checkpoint(path, self.pmodel.chunks, self.optimizer, self.groups)
+        try:
+            self.state, rng = load_distributed_checkpoint(path, self.pmodel.chunks, self.optimizer, self.groups)
+        except ckpt.CheckpointError as exc:  # e.g. a checkpoint of another model config
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {exc}") from None
         ckpt.set_rng_state(rng)
         self._data_state = data_hooks.load_data_state(path)
         anomaly_state = data_hooks.load_json_state(path, ANOMALY_STATE)
@@ -168,6 +171,7 @@ class Trainer:
                 to_dict(self.cfg),
                 self.cfg.checkpoint.keep_last,
                 extra_json={data_hooks.DATA_STATE: self.data.state_dict(), ANOMALY_STATE: self.anomaly.state_dict()},
+                checksums=self.cfg.checkpoint.verify == "sha256",
             )
         self.watchdog.checkpoint_finished()
         self._saved_step = self.state.step
