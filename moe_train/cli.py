@@ -17,11 +17,12 @@ from moe_train.config import ConfigError, load_config
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moe_train.data import DataError
     from moe_train.interop.hf_mapping import InteropError
+    from moe_train.parallel.checkpoint_files import CheckpointError
     from moe_train.plan.search import PlanError
-    from moe_train.train.checkpoint import CheckpointError
+    from moe_train.train.anomaly import AnomalyError
     from moe_train.train.trainer import RunDirError
 
-    return (ConfigError, DataError, CheckpointError, RunDirError, InteropError, OSError, PlanError)
+    return (ConfigError, DataError, CheckpointError, RunDirError, InteropError, OSError, PlanError, AnomalyError)
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:

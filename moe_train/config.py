@@ -146,6 +146,9 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on GPU, gloo on CPU), 'nccl' or 'gloo'."""
+    collective_timeout_s: float = 600.0
+    """Timeout of every collective (init_process_group's timeout): a rank waiting longer fails instead of
+    hanging."""
 
 
 @dataclass
@@ -268,6 +271,44 @@ class OptimConfig:
 
 
 @dataclass
+class AnomalyConfig:
+    """NaN/Inf and loss-spike handling (moe_train/train/anomaly.py; docs/fault_tolerance.md)."""
+
+    on_nan: str = "skip"
+    """A step whose loss or gradient norm is NaN/Inf: 'skip' (no update; the batch is dropped and logged) or
+    'stop' (end the run with one line naming the step and its samples)."""
+    spike_zscore: float = 0.0
+    """Skip a step whose loss is more than this many standard deviations above the mean of the last
+    train.anomaly.window clean steps; 0 disables spike detection."""
+    window: int = 50
+    """Clean steps in the spike-detection window (detection starts once it is full)."""
+    on_spike: str = "skip"
+    """What a spike does: 'skip' (the step trains nothing), 'rollback' (reload the newest checkpoint and never
+    train on the samples from it through the spiking batch) or 'stop'."""
+    max_consecutive: int = 5
+    """More consecutive anomalous steps than this stop the run (one line naming the step and its samples)."""
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang watchdog (moe_train/train/watchdog.py): fail fast so the launcher restarts the job."""
+
+    multiple: float = 10.0
+    """A step running longer than this multiple of the median step time (and longer than floor_s) fails the
+    process after logging its rank and phase; 0 disables the watchdog."""
+    floor_s: float = 300.0
+    """Never fire on a step shorter than this many seconds."""
+    warmup_steps: int = 5
+    """Steps measured before steps are watched (the first steps are slow: allocation, compilation)."""
+    checkpoint_s: float = 3600.0
+    """Limit for one checkpoint save, in seconds."""
+    poll_s: float = 1.0
+    """How often the watchdog thread looks, in seconds."""
+    exit_code: int = 17
+    """Exit status of a process the watchdog ends."""
+
+
+@dataclass
 class TrainConfig:
     """Training loop."""
 
@@ -291,6 +332,12 @@ class TrainConfig:
     """Micro-batches per domain in one validation."""
     log_every: int = 10
     """Print a console line every this many steps."""
+    save_on_signal: bool = True
+    """On SIGTERM / SIGUSR1 (preemption), finish the step, save a checkpoint and exit 0 for a requeue."""
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """NaN and loss-spike handling."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """Hang watchdog."""
 
 
 @dataclass
@@ -304,6 +351,9 @@ class CheckpointConfig:
     resume: str | None = None
     """'latest' (newest checkpoint in <run.dir>/checkpoints), 'auto' (the newest if there is one, else a fresh
     run: for requeued jobs), a checkpoint path, or null for a fresh run."""
+    verify: str = "sha256"
+    """Checkpoint manifests: 'sha256' (saves record, and resumes check, the size and sha256 of every file) or
+    'size' (sizes only: no file is read back on save or resume; catches truncation but not bit flips)."""
 
 
 @dataclass
@@ -613,12 +663,27 @@ def _validate_train(cfg: Config) -> None:
     c = cfg.checkpoint
     _require(c.every >= 0, f"checkpoint.every ({c.every}) must be >= 0")
     _require(c.keep_last >= 1, f"checkpoint.keep_last ({c.keep_last}) must be >= 1")
+    _one_of(cfg, "checkpoint.verify", ("sha256", "size"))
+    _validate_fault_tolerance(cfg)
     _one_of(cfg, "log.level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     if cfg.log.peak_tflops is not None:
         _positive(cfg, "log.peak_tflops")
     _require(cfg.log.routing_every >= 0, f"log.routing_every ({cfg.log.routing_every}) must be >= 0")
     _one_of(cfg, "log.progress_bar", ("auto", "always", "never"))
     _require(bool(cfg.run.dir), "run.dir must not be empty")
+
+
+def _validate_fault_tolerance(cfg: Config) -> None:
+    a, w = cfg.train.anomaly, cfg.train.watchdog
+    _one_of(cfg, "train.anomaly.on_nan", ("skip", "stop"))
+    _one_of(cfg, "train.anomaly.on_spike", ("skip", "rollback", "stop"))
+    _require(a.spike_zscore >= 0, f"train.anomaly.spike_zscore ({a.spike_zscore}) must be >= 0 (0 disables)")
+    _positive(cfg, "train.anomaly.window", "train.watchdog.floor_s", "train.watchdog.checkpoint_s")
+    _positive(cfg, "train.watchdog.poll_s", "train.watchdog.exit_code", "parallel.collective_timeout_s")
+    _require(a.max_consecutive >= 0, f"train.anomaly.max_consecutive ({a.max_consecutive}) must be >= 0")
+    _require(w.multiple >= 0, f"train.watchdog.multiple ({w.multiple}) must be >= 0 (0 disables)")
+    _require(w.warmup_steps >= 1, f"train.watchdog.warmup_steps ({w.warmup_steps}) must be >= 1")
+    _require(w.exit_code < 256, f"train.watchdog.exit_code ({w.exit_code}) must be in [1, 255]")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -9,6 +9,7 @@ routers' expert bias), placed and resharded alike through their ParamMeta:
                                                             replicated kind of the parameter)
     <dir>/index.json         {key: {shape, dtype, chunks: [{file, offsets, lengths}]}}
     <dir>/trainer.pt         TrainState and rank 0's RNG state;  <dir>/config.json
+    <dir>/manifest.json      {file: {bytes, sha256}}, written last (verified on resume)
 
 A chunk's box follows from ParamMeta.shards: the canonical tensor is split evenly along each (kind, dim)
 in list order, this rank taking chunk `group_index(kind)`. Loading computes the box each local
@@ -16,7 +17,7 @@ parameter needs under the *current* layout and copies the intersections with the
 tp2·ep2·pp2 → dp4·ep4 → one process all work. Optimizer state follows its parameter; ZeRO-1 chunks are
 gathered into local canonical form on save and re-partitioned on load (moe_train.parallel.zero).
 
-Saves are atomic like moe_train.train.checkpoint: ranks write into `.tmp-step_N`, rank 0 merges the
+Saves are atomic (moe_train.parallel.checkpoint_files): ranks write into `.tmp-step_N`, rank 0 merges the
 index after a barrier and renames the directory into place; a crash at any point leaves the previous
 checkpoint intact (the stale temporary directory is removed by the next save). Files are read with
 weights_only=True (memory-mapped, so a rank reads only the chunks it needs).
@@ -35,11 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_train.parallel.data_parallel import ParamsLike, named_params_with_meta
-from moe_train.parallel.groups import ProcessGroups
-from moe_train.parallel.param_meta import Box, ParamMeta, named_buffers_with_meta, owns_unique_copy, shard_box
-from moe_train.parallel.zero import STATE_KEYS, load_optimizer_local_state, optimizer_local_state
-from moe_train.train.checkpoint import (
+from moe_train.parallel.checkpoint_files import (
     TMP_PREFIX,
     CheckpointError,
     TrainState,
@@ -48,7 +45,13 @@ from moe_train.train.checkpoint import (
     load_file,
     prune,
     rng_state,
+    write_file_sum,
+    write_manifest,
 )
+from moe_train.parallel.data_parallel import ParamsLike, named_params_with_meta
+from moe_train.parallel.groups import ProcessGroups
+from moe_train.parallel.param_meta import Box, ParamMeta, named_buffers_with_meta, owns_unique_copy, shard_box
+from moe_train.parallel.zero import STATE_KEYS, load_optimizer_local_state, optimizer_local_state
 from moe_train.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -142,10 +145,12 @@ def save_distributed_checkpoint(
     config: dict[str, Any],
     keep_last: int,
     extra_json: dict[str, Any] | None = None,
+    checksums: bool = True,
 ) -> Path:
     """Every rank calls this; writes `<run_dir>/checkpoints/step_NNNNNNNN` atomically, returns it.
 
-    extra_json: {name: JSON-able object} written by rank 0 as `<name>.json` (e.g. the data state)."""
+    extra_json: {name: JSON-able object} written by rank 0 as `<name>.json` (e.g. the data state).
+    checksums: sha256 of every file in the manifest (False: sizes only, no file is read back)."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{state.step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -159,6 +164,7 @@ def save_distributed_checkpoint(
     chunks = _local_chunks(entries, optim_state, groups)
     name = f"shard_{groups.rank:05d}"
     _save_file({key: tensor for key, (tensor, _, _) in chunks.items()}, tmp / f"{name}.pt")
+    write_file_sum(tmp / f"{name}.pt", checksums)  # each rank hashes its own shard; rank 0 merges the manifest
     listing = {
         key: {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."), "offsets": box[0], "lengths": box[1]}
         for key, (t, shape, box) in chunks.items()
@@ -168,16 +174,19 @@ def save_distributed_checkpoint(
     if groups.rank == 0:
         for name, obj in (extra_json or {}).items():
             (tmp / f"{name}.json").write_text(json.dumps(obj))
-        _commit(tmp, final, state, config, groups.world_size, keep_last)
+        _commit(tmp, final, state, config, groups.world_size, keep_last, checksums)
     _barrier(groups)
     return final
 
 
-def _commit(tmp: Path, final: Path, state: TrainState, config: dict[str, Any], world_size: int, keep: int) -> None:
+def _commit(
+    tmp: Path, final: Path, state: TrainState, config: dict[str, Any], world_size: int, keep: int, checksums: bool
+) -> None:
     """Rank 0: index, trainer state, config; then the atomic rename and pruning."""
     (tmp / INDEX).write_text(json.dumps(_merge_index(tmp, world_size)))
     _save_file({"train_state": vars(state), "rng": rng_state()}, tmp / "trainer.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    write_manifest(tmp, checksums)  # last: a directory with a manifest that verifies is complete
     fsync_dir(tmp)
     old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
     if final.exists():  # re-saving a step: keep a complete copy under some name at every moment

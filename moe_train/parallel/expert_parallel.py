@@ -47,6 +47,7 @@ from moe_train.parallel.collectives import (
 )
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.param_meta import ParamMeta, get_meta, set_meta, shard_slice
+from moe_train.utils.phases import phase
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ def _all_to_all(x_NH: torch.Tensor, send_splits: list[int], recv_splits: list[in
     if x_NH.shape[0] != sum(send_splits):
         raise ValueError(f"all-to-all: {x_NH.shape[0]} rows but send splits {send_splits} sum to {sum(send_splits)}")
     out_NH = x_NH.new_empty((sum(recv_splits), *x_NH.shape[1:]))
-    dist.all_to_all_single(out_NH, x_NH.contiguous(), recv_splits, send_splits, group=group)
+    with phase("dispatch all-to-all"):  # named by the hang watchdog
+        dist.all_to_all_single(out_NH, x_NH.contiguous(), recv_splits, send_splits, group=group)
     return out_NH
 
 

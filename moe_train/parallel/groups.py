@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -119,7 +120,7 @@ class ProcessGroups:
         )
 
 
-def _new_groups(layout: Layout, rank: int) -> dict[str, Group]:
+def _new_groups(layout: Layout, rank: int, timeout: timedelta | None = None) -> dict[str, Group]:
     """Create every group (same calls, same order on all ranks); return this rank's group per kind."""
     world = list(range(layout.world_size))
     created: dict[tuple[int, ...], Group] = {tuple(world): dist.group.WORLD}
@@ -128,14 +129,15 @@ def _new_groups(layout: Layout, rank: int) -> dict[str, Group]:
         for ranks in layout.groups[kind]:
             key = tuple(ranks)
             if key not in created:
-                created[key] = dist.new_group(ranks)
+                created[key] = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine[kind] = created[key]
     return mine
 
 
-def groups_from_layout(layout: Layout, rank: int) -> ProcessGroups:
-    """ProcessGroups of `rank` under `layout`; torch.distributed must be initialized with its world size."""
+def groups_from_layout(layout: Layout, rank: int, timeout: timedelta | None = None) -> ProcessGroups:
+    """ProcessGroups of `rank` under `layout`; torch.distributed must be initialized with its world size.
+    `timeout`: of every collective on the new groups (None: the backend's default)."""
     if not dist.is_initialized():
         raise RuntimeError(f"torch.distributed is not initialized (world size {layout.world_size} needs it)")
     if dist.get_world_size() != layout.world_size:
@@ -161,7 +163,7 @@ def groups_from_layout(layout: Layout, rank: int) -> ProcessGroups:
         edp_size=layout.edp,
         ranks={kind: layout.group_of(kind, rank) for kind in GROUP_KINDS},
     )
-    for kind, group in _new_groups(layout, rank).items():
+    for kind, group in _new_groups(layout, rank, timeout).items():
         setattr(groups, kind, group)
     return groups
 
@@ -174,6 +176,6 @@ def build_process_groups(cfg: Config, world_size: int, rank: int) -> ProcessGrou
     layout = validate_layout(cfg, world_size)
     if world_size == 1 and not dist.is_initialized():
         return ProcessGroups.single()
-    groups = groups_from_layout(layout, rank)
+    groups = groups_from_layout(layout, rank, timedelta(seconds=cfg.parallel.collective_timeout_s))
     logger.info("process groups built: %s", groups.describe())
     return groups

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -84,9 +85,28 @@ def init_distributed(cfg: Config, env: Mapping[str, str] | None = None) -> Proce
         if backend == "nccl":
             torch.cuda.set_device(launch.local_rank)
         validate_layout(cfg, launch.world_size)  # fail before paying for the rendezvous
-        dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank, world_size=launch.world_size)
+        timeout = timedelta(seconds=cfg.parallel.collective_timeout_s)
+        store = _restart_safe_store(launch, timeout)
+        init = {"store": store} if store is not None else {"init_method": "env://"}
+        dist.init_process_group(
+            backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout, **init
+        )
         logger.info("torch.distributed initialized: backend %s, world size %d", backend, launch.world_size)
     return build_process_groups(cfg, dist.get_world_size(), dist.get_rank())
+
+
+def _restart_safe_store(launch: LaunchEnv, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun's agent store: a client of it with a per-attempt key prefix, else None (env://).
+
+    The agent keeps one store across `--max-restarts` attempts; without a prefix the restarted ranks read
+    the dead ranks' gloo addresses of the previous attempt and fail to connect."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"moe_train/attempt_{attempt}", client)
 
 
 def destroy_distributed() -> None:

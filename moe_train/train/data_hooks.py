@@ -68,11 +68,16 @@ def maybe_evaluate(trainer: Trainer) -> None:
 
 def load_data_state(checkpoint: Path) -> dict[str, Any] | None:
     """The data state saved with a checkpoint (None for a checkpoint written without one)."""
-    path = Path(checkpoint) / f"{DATA_STATE}.json"
+    return load_json_state(checkpoint, DATA_STATE)
+
+
+def load_json_state(checkpoint: Path, name: str) -> dict[str, Any] | None:
+    """`<checkpoint>/<name>.json` written by save(extra_json=...), or None when the checkpoint has none."""
+    path = Path(checkpoint) / f"{name}.json"
     if not path.is_file():
         return None
     try:
         state: dict[str, Any] = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"data state {path} cannot be read ({exc.__class__.__name__})") from None
+        raise DataError(f"{name.replace('_', ' ')} {path} cannot be read ({exc.__class__.__name__})") from None
     return state

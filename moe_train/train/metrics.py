@@ -60,6 +60,9 @@ class MetricsWriter:
         for key in ("loss", "lm_loss", "lbl", "zloss", "lr", "grad_norm", "tokens_per_s", "mfu"):
             if key in record:
                 self.tb.add_scalar(f"train/{key}", record[key], step)
+        for key in ("skipped", "anomaly_nan", "anomaly_spike"):  # moe_train.train.anomaly
+            if key in record:
+                self.tb.add_scalar(f"anomaly/{key}", record[key], step)
         for domain, value in record.get("domain_loss", {}).items():
             self.tb.add_scalar(f"train_domain/{domain}", value, step)
         for group in ("mixture_target", "mixture_realised"):  # the data mixture (moe_train.data.loader)

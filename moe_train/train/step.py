@@ -16,6 +16,7 @@ from moe_train.data import Batch
 from moe_train.model import set_aux_loss_scale
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.parallelize import ParallelModel
+from moe_train.utils.phases import phase
 
 
 @dataclass
@@ -46,7 +47,8 @@ def forward_backward(
     """Run every micro-batch forward and backward (pipelined when pp > 1); returns this rank's stats."""
     scale = 1.0 / len(batches)
     if pm.schedule is not None:  # sets the aux-loss scale on its chunks itself
-        result = pm.schedule.forward_backward(batches, scale, device, autocast, num_domains)
+        with phase("forward/backward (pipeline)"):
+            result = pm.schedule.forward_backward(batches, scale, device, autocast, num_domains)
         return StepStats(
             result.lm_loss, result.lbl, result.zloss, result.domain_sum, result.domain_count, result.expert_counts_LE
         )
@@ -59,10 +61,11 @@ def forward_backward(
     for index, batch in enumerate(batches):
         if pm.reducer is not None:
             pm.reducer.set_sync(index == len(batches) - 1)
-        with autocast:
+        with autocast, phase("forward"):
             out = model(batch.tokens_BS.to(device), batch.labels_BS.to(device))
         lm_loss = out.token_loss_BS.mean()
-        pm.backward(lm_loss * scale)
+        with phase("backward"):
+            pm.backward(lm_loss * scale)
         lm += lm_loss.item() * scale
         lbl += float(out.lbl) * scale
         zloss += float(out.zloss) * scale

@@ -32,13 +32,19 @@ from moe_train.parallel.materialize import build_parallel_model
 from moe_train.train import checkpoint as ckpt
 from moe_train.train import data_hooks
 from moe_train.train.memory import peak_mem_gb
+from moe_train.train.anomaly import ANOMALY_STATE, AnomalyGuard, screen_step
+from moe_train.train.faults import FaultInjector
 from moe_train.train.metrics import EtaEstimator, MetricsWriter, format_progress
 from moe_train.train.optim import build_optimizer, set_lr
 from moe_train.train.peak import MfuMeter, device_peak
+from moe_train.train.preemption import PreemptionHandler
 from moe_train.train.progress import ProgressBar
+from moe_train.train.rollback import roll_back
 from moe_train.train.schedule import lr_at, schedule_change_warning
 from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
+from moe_train.train.watchdog import Watchdog
 from moe_train.utils.logging import get_logger
+from moe_train.utils.phases import phase
 
 log = get_logger(__name__)
 
@@ -60,6 +66,10 @@ class StepResult:
     expert_counts_LE: torch.Tensor | None = None
     routing_counts_LDE: torch.Tensor | None = None
     """Routed assignments per MoE layer, domain and expert of the step's global batch."""
+    skipped: bool = False
+    """The step was an anomaly (moe_train.train.anomaly) and trained nothing."""
+    rolled_back: bool = False
+    """The step spiked and the run went back to its last checkpoint (moe_train.train.rollback)."""
 
 
 def _device() -> torch.device:
@@ -86,7 +96,9 @@ class Trainer:
         validate_layout(cfg, self.groups.world_size)
         validate_data(cfg)
         self.data = TrainData(cfg, self.groups.dp_rank, self.groups.dp_size)  # may raise: before run.dir exists
-        resume_path = ckpt.resolve_resume(cfg.run.dir, cfg.checkpoint.resume)
+        resume_path = ckpt.resolve_resume(
+            cfg.run.dir, cfg.checkpoint.resume, cfg.checkpoint.verify, self.groups.rank, self.groups.world_size
+        )
         self.cfg = cfg
         self.is_main = self.groups.rank == 0
         self.run_dir = prepare_run_dir(cfg)
@@ -106,6 +118,10 @@ class Trainer:
         self.balancer = StepBalancer(self.pmodel, cfg, len(self.source.domains))
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
         self._data_state: dict[str, Any] | None = None
+        self.faults = FaultInjector(self.groups.rank)  # test-only, from $MOE_TRAIN_FAULTS
+        self.anomaly = AnomalyGuard(cfg.train.anomaly)
+        self.watchdog = Watchdog(cfg.train.watchdog, self.groups.rank)
+        self._saved_step = -1
         if resume_path is not None:
             self._restore(resume_path)
         self.data.start(
@@ -128,9 +144,15 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _restore(self, path: Path) -> None:
-        self.state, rng = load_distributed_checkpoint(path, self.pmodel.chunks, self.optimizer, self.groups)
+        try:
+            self.state, rng = load_distributed_checkpoint(path, self.pmodel.chunks, self.optimizer, self.groups)
+        except ckpt.CheckpointError as exc:  # e.g. a checkpoint of another model config
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {exc}") from None
         ckpt.set_rng_state(rng)
         self._data_state = data_hooks.load_data_state(path)
+        anomaly_state = data_hooks.load_json_state(path, ANOMALY_STATE)
+        if anomaly_state is not None:
+            self.anomaly.load_state_dict(anomaly_state)
         log.info("resumed from %s at step %d", path, self.state.step)
         saved = ckpt.saved_config(path)
         if saved is not None and self.is_main:
@@ -139,17 +161,23 @@ class Trainer:
                 log.warning(warning)
 
     def save(self) -> Path:
-        """Layout-independent checkpoint (every rank writes its unique shards; atomic)."""
-        return save_distributed_checkpoint(
-            self.run_dir,
-            self.state,
-            self.pmodel.chunks,
-            self.optimizer,
-            self.groups,
-            to_dict(self.cfg),
-            self.cfg.checkpoint.keep_last,
-            extra_json={data_hooks.DATA_STATE: self.data.state_dict()},
-        )
+        """Layout-independent checkpoint (every rank writes its unique shards; atomic; with a manifest)."""
+        self.watchdog.checkpoint_started()
+        with phase("checkpoint"):
+            path = save_distributed_checkpoint(
+                self.run_dir,
+                self.state,
+                self.pmodel.chunks,
+                self.optimizer,
+                self.groups,
+                to_dict(self.cfg),
+                self.cfg.checkpoint.keep_last,
+                extra_json={data_hooks.DATA_STATE: self.data.state_dict(), ANOMALY_STATE: self.anomaly.state_dict()},
+                checksums=self.cfg.checkpoint.verify == "sha256",
+            )
+        self.watchdog.checkpoint_finished()
+        self._saved_step = self.state.step
+        return path
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -164,25 +192,42 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_step(self) -> StepResult:
-        """Forward/backward over this rank's micro-batches, reduce grads, clip, one optimizer step."""
+        """Forward/backward over this rank's micro-batches, reduce grads, clip, one optimizer step; an
+        anomalous step (NaN, spike; moe_train.train.anomaly) updates nothing."""
         step = self.state.step
         self.pmodel.train()
-        batches = self.micro_batches(self.state.consumed_samples)
-        self.balancer.begin_step(batches, self.device, self._autocast())  # global LBL: the counting pass
+        with phase("data"):
+            batches = self.micro_batches(self.state.consumed_samples)
+        if self.anomaly.drops(self.state.consumed_samples):  # rolled back: handed out, never trained
+            return StepResult(math.nan, math.nan, math.nan, math.nan, math.nan, skipped=True)
+        with phase("forward"):
+            self.balancer.begin_step(batches, self.device, self._autocast())  # global LBL: the counting pass
         if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
             set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
         stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
+        self.faults.during_step(step)
         if self.deepspeed:
             grad_norm = self.optimizer.grad_norm()
         else:
-            if self.pmodel.reducer is not None:
-                self.pmodel.reducer.finish()
-            grad_norm = self._clip()
-            set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        routing_LDE = self.balancer.end_step(batches)  # routing counts; expert-bias update
+            with phase("grad reduce"):
+                self.faults.in_grad_reduce(step)
+                if self.pmodel.reducer is not None:
+                    self.pmodel.reducer.finish()
+                stats.lm_loss *= self.faults.corrupt(step, list(self.pmodel.parameters()))
+                grad_norm = self._clip()
         result = self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
+        action = screen_step(self, step, result)  # identical on every rank
+        if action is not None and not self.deepspeed:
+            self.optimizer.zero_grad(set_to_none=True)
+            result.skipped = True
+            result.rolled_back = action == "rollback" and roll_back(self, step)
+            return result
+        if not self.deepspeed:
+            with phase("optimizer"):
+                set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        routing_LDE = self.balancer.end_step(batches)  # routing counts; expert-bias update
         result.routing_counts_LDE = routing_LDE.cpu()
         data_hooks.observe_step(self, step, stats)
         return result
@@ -249,32 +294,66 @@ class Trainer:
         return step == self.cfg.train.max_steps or (every > 0 and step % every == 0)
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train until train.max_steps; returns the per-step metric records of this call."""
+        """Train until train.max_steps (or a preemption signal: save and return); returns the per-step
+        metric records of this call."""
         t = self.cfg.train
         records: list[dict[str, Any]] = []
         self.progress = ProgressBar(t.max_steps, self.state.step, self.cfg.log.progress_bar, self.is_main)
         try:
-            if self.val_batches and t.eval_at_start and t.eval_every > 0 and self.state.step == 0:
-                self._validate()
-            data_hooks.maybe_evaluate(self)
-            while self.state.step < t.max_steps:
-                start = time.perf_counter()
-                result = self.train_step()
-                self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
-                elapsed = time.perf_counter() - start
-                self.eta.add_step(elapsed)
-                records.append(self._record(self.state.step, result, elapsed) | self.data.record())
-                records[-1].update(routing_summary(result.routing_counts_LDE))
-                self.metrics.write_step(records[-1], result.expert_counts_LE)
-                every = self.cfg.log.routing_every
-                images = every > 0 and self.state.step % every == 0
-                self.metrics.write_routing(self.state.step, result.routing_counts_LDE, self.source.domains, images)
-                self._after_step(records[-1])
+            with PreemptionHandler(t.save_on_signal) as preemption:
+                self.watchdog.start()
+                if self.val_batches and t.eval_at_start and t.eval_every > 0 and self.state.step == 0:
+                    self._validate()
+                data_hooks.maybe_evaluate(self)
+                while self.state.step < t.max_steps:
+                    record = self._one_step()
+                    if record is None:  # rolled back: drop the records of the undone steps
+                        records = [r for r in records if r["step"] <= self.state.step]
+                        continue
+                    records.append(record)
+                    if preemption.should_stop(self.groups, self.device):
+                        self._preempted(preemption.signal_name())
+                        break
         finally:
+            self.watchdog.stop()
             self.progress.close()
             self.metrics.close()
             self.data.close()
         return records
+
+    def _one_step(self) -> dict[str, Any] | None:
+        """Train one step, record it, then validation and checkpoints as due; returns its record (None
+        after a rollback)."""
+        t = self.cfg.train
+        start = time.perf_counter()
+        self.watchdog.step_started(self.state.step)
+        result = self.train_step()
+        if result.rolled_back:
+            self.watchdog.step_finished(time.perf_counter() - start)
+            return None
+        self.state = ckpt.TrainState(self.state.step + 1, self.state.consumed_samples + t.global_batch_size)
+        elapsed = time.perf_counter() - start
+        self.watchdog.step_finished(elapsed)
+        self.eta.add_step(elapsed)
+        record = self._record(self.state.step, result, elapsed) | self.data.record()
+        record.update(routing_summary(result.routing_counts_LDE))
+        record.update(self.anomaly.metrics(result.skipped))
+        self.metrics.write_step(record, result.expert_counts_LE)
+        every = self.cfg.log.routing_every
+        images = every > 0 and self.state.step % every == 0
+        self.metrics.write_routing(self.state.step, result.routing_counts_LDE, self.source.domains, images)
+        self._after_step(record)
+        return record
+
+    def _preempted(self, signal_name: str) -> None:
+        """A preemption signal: checkpoint the completed step (unless just saved) for the requeued job."""
+        if self._saved_step != self.state.step:
+            self.save()
+        log.warning(
+            "%s received: saved step %d, exiting for a requeue (resume with checkpoint.resume=auto)",
+            signal_name,
+            self.state.step,
+        )
 
     def _validate(self) -> None:
         """Validate at the current step: metrics.jsonl, TensorBoard, one console line."""
