@@ -159,10 +159,10 @@ def _check_world(world_size: int, p: ParallelConfig) -> None:
     for key in ("tp", "cp", "pp", "vpp", "ep", "etp"):
         value = getattr(p, key)
         _require(value >= 1, f"parallel.{key} ({value}) must be >= 1")
+    cp_term = f" * parallel.cp ({p.cp})" if p.cp > 1 else ""
     _require(
         world_size % (p.tp * p.cp * p.pp) == 0,
-        f"world size ({world_size}) is not divisible by parallel.tp ({p.tp}) * parallel.cp ({p.cp})"
-        f" * parallel.pp ({p.pp})",
+        f"world size ({world_size}) is not divisible by parallel.tp ({p.tp}){cp_term} * parallel.pp ({p.pp})",
     )
     _require(
         world_size % (p.etp * p.ep * p.pp) == 0,
@@ -377,8 +377,9 @@ def _format_count(n: float) -> str:
 def _layout_lines(cfg: Config, layout: Layout) -> list[str]:
     t, p = cfg.train, cfg.parallel
     num_micro = t.global_batch_size // (layout.dp * t.micro_batch_size)
+    cp_dim = f" cp {layout.cp}," if layout.cp > 1 else ""
     lines = [
-        f"world {layout.world_size}: attention [pp {layout.pp}, dp {layout.dp}, cp {layout.cp}, tp {layout.tp}]"
+        f"world {layout.world_size}: attention [pp {layout.pp}, dp {layout.dp},{cp_dim} tp {layout.tp}]"
         f" | experts [pp {layout.pp}, edp {layout.edp}, ep {layout.ep}, etp {layout.etp}] | vpp {layout.vpp}",
         f"batch: global {t.global_batch_size} = dp {layout.dp} x micro {t.micro_batch_size}"
         f" x {num_micro} micro-batches; schedule {p.pp_schedule}"
