@@ -1,7 +1,8 @@
 """Context parallelism: exact attention over load-balanced chunks, parity with one process, resharding.
 
-Two process-group spawns: 2 ranks (attention checks, cp2, cp2·ep2 folded, the broken-K/V twin, a
-cp2 resume of a single-process checkpoint) and 8 ranks (cp2·tp2, cp2·pp2, cp4·tp2·ep4 folded).
+Two process-group spawns: 2 ranks (attention checks; cp2, cp2·ep2 folded, cp2 with global-batch and
+sequence-scope LBL; the broken-K/V twin; a cp2 resume of a single-process checkpoint) and 8 ranks
+(cp2·tp2, cp2·pp2, cp4·tp2·ep4 folded).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
         "cp2": ["parallel.cp=2", "checkpoint.every=3"],
         "cp2_ep2_folded": ["parallel.cp=2", "parallel.ep=2"],
         "cp2_local_kv_only": ["parallel.cp=2"],
+        "cp2_global_lbl_exact": ["parallel.cp=2", "moe.lbl.scope=global"],
+        "cp2_sequence_lbl": ["parallel.cp=2", "moe.lbl.scope=sequence"],
     },
     8: {
         "cp2_tp2_dp2": ["parallel.cp=2", "parallel.tp=2"],
@@ -168,15 +171,25 @@ def test_attention_matches_single_device(world2: dict[str, Any]) -> None:
             assert diffs["local_only"] > 1e-3, f"rank {rank} {name}: attention without the K/V exchange is not caught"
 
 
-def test_cp_layouts_match_single_process(world2: dict[str, Any], world8: dict[str, dict], single: dict) -> None:
+def _reference(overrides: list[str], single: dict, root: Path) -> dict:
+    """The single-process run of a layout's non-parallel overrides (the `single` run when they only
+    set checkpointing, which changes no number)."""
+    kept = [o for o in overrides if not o.startswith(("parallel.", "checkpoint."))]
+    return single if not kept else reference_run(kept, root / "_".join(kept).replace("=", "-"))
+
+
+def test_cp_layouts_match_single_process(
+    world2: dict[str, Any], world8: dict[str, dict], single: dict, tmp_path: Path
+) -> None:
     failures = {}
     results = {**{k: v for k, v in world2["layouts"].items() if k != BROKEN}, **world8}
+    overrides = {**LAYOUTS[2], **LAYOUTS[8]}
     for name, result in results.items():
-        errors = parity_errors(result, single)
+        errors = parity_errors(result, _reference(overrides[name], single, tmp_path))
         if errors:
             failures[name] = errors[:5]
     assert not failures, failures
-    assert len(results) == 5
+    assert len(results) == 7
 
 
 def test_broken_kv_exchange_is_caught(world2: dict[str, Any], single: dict) -> None:
