@@ -282,3 +282,26 @@ def test_dry_run_prints_cp_groups() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "attention [pp 1, dp 2, cp 2, tp 2]" in proc.stdout
     assert "  cp " in proc.stdout and "dp_cp" in proc.stdout and "tp_cp" in proc.stdout
+
+
+@pytest.mark.parametrize(("c", "L", "heads"), [(4, 4, (4, 2)), (4, 16, (4, 2)), (3, 12, (2, 2)), (5, 20, (4, 1))])
+def test_prefix_causal_attention_matches_masked_sdpa(c: int, L: int, heads: tuple[int, int]) -> None:
+    """The mask-free CPU blocks (non-causal prefix + causal diagonal, merged by log-sum-exp) equal SDPA
+    with the explicit lower-right causal mask, forward and backward."""
+    from moe_train.parallel.context_parallel import _masked_attention, prefix_causal_attention
+
+    gen = torch.Generator().manual_seed(c * L)
+    N, G = heads
+    q, k, v = (torch.randn(2, n, h, 8, generator=gen, dtype=torch.float64) for n, h in ((c, N), (L, G), (L, G)))
+    w = torch.randn(2, c, N, 8, generator=gen, dtype=torch.float64)
+    mask_1cL = torch.ones(c, L, dtype=torch.bool).tril(L - c).unsqueeze(0)
+    results = []
+    for attend in (prefix_causal_attention, lambda q, k, v: _masked_attention(q, k, v, mask_1cL)):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*inputs)
+        (out * w).sum().backward()
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    plain = causal_attention(q, k[:, -c:], v[:, -c:])  # twin: ignoring the prefix keys changes the result
+    assert (plain - results[1][0]).abs().max() > 1e-3 or c == L

@@ -130,6 +130,64 @@ def _masked_attention(
     return out_BNLD.transpose(1, 2)
 
 
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _PrefixCausalAttentionCPU(torch.autograd.Function):
+    """Query chunk at offset p = g * c against keys [0, p + c) with a lower-right causal mask, without
+    materialising a mask: a non-causal block over keys [0, p) and a causal c x c block over the
+    diagonal keys, each through the CPU flash kernel, merged by their log-sum-exps. Backward runs the
+    kernel's backward per block with the merged output and log-sum-exp, which gives exactly the
+    gradients of the whole softmax (as ring attention does). Memory O(c + L) per head, no c x L mask."""
+
+    @staticmethod
+    def forward(ctx: Any, q_BNcD: torch.Tensor, k_BNLD: torch.Tensor, v_BNLD: torch.Tensor, prefix: int) -> Any:
+        out_BNcD, lse_BNc = _FLASH_CPU(q_BNcD, k_BNLD[:, :, prefix:], v_BNLD[:, :, prefix:], 0.0, True)
+        if prefix > 0:
+            out_p, lse_p = _FLASH_CPU(q_BNcD, k_BNLD[:, :, :prefix], v_BNLD[:, :, :prefix], 0.0, False)
+            lse = torch.logaddexp(lse_p, lse_BNc)
+            out_BNcD = (lse_p - lse).exp().unsqueeze(-1) * out_p + (lse_BNc - lse).exp().unsqueeze(-1) * out_BNcD
+            lse_BNc = lse
+        out_BNcD = out_BNcD.to(q_BNcD.dtype)
+        ctx.save_for_backward(q_BNcD, k_BNLD, v_BNLD, out_BNcD, lse_BNc)
+        ctx.prefix = prefix
+        return out_BNcD
+
+    @staticmethod
+    def backward(ctx: Any, grad_BNcD: torch.Tensor) -> Any:
+        q, k, v, out, lse = ctx.saved_tensors
+        p = ctx.prefix
+        grad = grad_BNcD.contiguous()
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dq, dk[:, :, p:], dv[:, :, p:] = _FLASH_CPU_BACKWARD(
+            grad, q, k[:, :, p:].contiguous(), v[:, :, p:].contiguous(), out, lse, 0.0, True
+        )
+        if p > 0:
+            dq_p, dk[:, :, :p], dv[:, :, :p] = _FLASH_CPU_BACKWARD(
+                grad, q, k[:, :, :p].contiguous(), v[:, :, :p].contiguous(), out, lse, 0.0, False
+            )
+            dq = dq + dq_p
+        return dq, dk, dv, None
+
+
+def prefix_causal_attention(q_BcND: torch.Tensor, k_BLGD: torch.Tensor, v_BLGD: torch.Tensor) -> torch.Tensor:
+    """The last c = q length positions of a causal attention over L keys (lower-right causal) -> out_BcND.
+
+    CPU: the mask-free flash-kernel blocks of `_PrefixCausalAttentionCPU`; elsewhere SDPA with an
+    explicit c x L mask (exact, but O(c L) memory per layer)."""
+    c, L = q_BcND.shape[1], k_BLGD.shape[1]
+    if q_BcND.device.type != "cpu":
+        mask_1cL = torch.ones(c, L, dtype=torch.bool, device=q_BcND.device).tril(L - c).unsqueeze(0)
+        return _masked_attention(q_BcND, k_BLGD, v_BLGD, mask_1cL)
+    q_BNcD, k_BGLD, v_BGLD = (t.transpose(1, 2) for t in (q_BcND, k_BLGD, v_BLGD))
+    repeat = q_BNcD.shape[1] // k_BGLD.shape[1]
+    if repeat > 1:  # grouped-query attention: each KV head serves `repeat` query heads
+        k_BGLD, v_BGLD = k_BGLD.repeat_interleave(repeat, dim=1), v_BGLD.repeat_interleave(repeat, dim=1)
+    out_BNcD: torch.Tensor = _PrefixCausalAttentionCPU.apply(q_BNcD, k_BGLD, v_BGLD, L - c)
+    return out_BNcD.transpose(1, 2)
+
+
 def context_parallel_attention(
     q_BsND: torch.Tensor,
     k_BsGD: torch.Tensor,
@@ -154,12 +212,13 @@ def context_parallel_attention(
     for j, g in enumerate(local_chunks(cp, cp_rank)):
         q_BcND = q_BsND[:, j * c : (j + 1) * c]
         kv = (g + 1) * c
+        if doc_BS is None or doc_BsS is None:
+            outs.append(prefix_causal_attention(q_BcND, k_BSGD[:, :kv], v_BSGD[:, :kv]))
+            continue
         q_pos_c = torch.arange(g * c, kv, device=q_BsND.device)
-        mask_1cK = (torch.arange(kv, device=q_BsND.device)[None, :] <= q_pos_c[:, None]).unsqueeze(0)
-        if doc_BS is not None and doc_BsS is not None:
-            doc_Bc = doc_BsS[:, j * c : (j + 1) * c]
-            mask_1cK = mask_1cK & (doc_Bc[:, :, None] == doc_BS[:, None, :kv])
-        outs.append(_masked_attention(q_BcND, k_BSGD[:, :kv], v_BSGD[:, :kv], mask_1cK))
+        mask_BcK = torch.arange(kv, device=q_BsND.device)[None, None, :] <= q_pos_c[None, :, None]
+        mask_BcK = mask_BcK & (doc_BsS[:, j * c : (j + 1) * c, None] == doc_BS[:, None, :kv])
+        outs.append(_masked_attention(q_BcND, k_BSGD[:, :kv], v_BSGD[:, :kv], mask_BcK))
     return torch.cat(outs, dim=1)
 
 
