@@ -15,9 +15,10 @@ What changes, applied by `apply_context_parallel` (from `parallelize`, after TP 
 * RoPE stays global: the tables are asked for the full S and indexed at this rank's positions;
 * attention (`Attention.core_attention`): K and V are all-gathered over cp (backward: reduce-scatter
   of dK / dV) and put in sequence order; each local query chunk g attends to keys [0, (g+1) c) with a
-  lower-right causal mask. All-gather rather than a ring: with grouped-query attention K/V are G/N of
-  the activations, one collective per layer is simple and exact, and it needs no online-softmax
-  merge of partial results (see docs/parallelism.md for the trade-off);
+  lower-right causal mask (on the CPU as two flash-kernel blocks merged by log-sum-exp, no mask
+  materialised). All-gather rather than a ring: with grouped-query attention K/V are G/N of
+  the activations, one collective per layer is simple and exact, and the softmax never waits on
+  a transfer (a ring merges cp partial blocks as they arrive; see docs/parallelism.md);
 * the loss: labels are sliced like the tokens, the per-token losses of the chunks are all-gathered
   back into sequence order (backward: each rank keeps its own chunks' gradient), so every cp rank holds
   the full-sequence `token_loss_BS` and the training loop, validation and per-domain losses are
