@@ -305,3 +305,23 @@ def test_prefix_causal_attention_matches_masked_sdpa(c: int, L: int, heads: tupl
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     plain = causal_attention(q, k[:, -c:], v[:, -c:])  # twin: ignoring the prefix keys changes the result
     assert (plain - results[1][0]).abs().max() > 1e-3 or c == L
+
+
+def test_planner_models_the_kv_all_gather() -> None:
+    """`moe-train plan` models what the trainer builds: under cp_comm 'allgather' the saved activations
+    of an attention block grow by the other ranks' K/V of the whole sequence; a ring does not."""
+    import dataclasses
+
+    from moe_train.plan.memory import attention_activation_bytes
+    from moe_train.plan.space import PlanLayout, PlanOptions
+    from moe_train.plan.workload import build_workload
+
+    cfg = load_config(None, ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=16"])
+    ring = PlanOptions(seq_len=128, global_batch_size=16, activation_bytes=2.0, cp_comm="ring")
+    gather = dataclasses.replace(ring, cp_comm="allgather")
+    layout = PlanLayout(cp=4, micro_batch_size=2)
+    w = build_workload(cfg, layout, gather, 4)
+    extra = attention_activation_bytes(w, "none") - attention_activation_bytes(
+        build_workload(cfg, layout, ring, 4), "none"
+    )
+    assert extra == pytest.approx(3 * (2 * 128 / 4) * 2 * (2 * 16) * 2.0)  # (cp-1) x local tokens x K,V x G*D x bytes
