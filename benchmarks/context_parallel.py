@@ -7,13 +7,15 @@ under cp = 1, 2, 4 (one rank per cp rank, gloo on loopback, `cores / cp` threads
 
 * activation memory: bytes autograd saves for backward during one step on rank 0 (saved-tensor hooks,
   each storage counted once, parameters excluded): the memory cp divides;
-* step time: median of `--steps` steps after one warm-up, rank 0. All ranks share this machine's
-  cores, so on a CPU box this shows overhead, not the speed-up of cp ranks on their own GPUs;
+* step time: median of `--steps` steps after one warm-up, rank 0, in `--reps` repetitions whose cp
+  order alternates (1,2,4 then 4,2,1); the ratio to cp 1 is taken within each repetition and reported
+  as median (range). All ranks share this machine's cores, so on a CPU box this shows overhead, not
+  the speed-up of cp ranks on their own GPUs;
 * cp exchange: bytes each rank receives in the forward K/V all-gathers (the backward reduce-scatter of
   dK/dV moves as much on NCCL; gloo has no reduce-scatter and all-reduces the full K/V gradient),
   counted from the K/V shards entering the all-gather.
 
-    .venv/bin/python benchmarks/context_parallel.py [--seq-len 8192 --layers 1 --steps 3 --cps 1,2,4]
+    .venv/bin/python benchmarks/context_parallel.py [--seq-len 8192 --layers 1 --steps 3 --reps 3 --cps 1,2,4]
 """
 
 from __future__ import annotations
@@ -140,22 +142,36 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--cps", default="1,2,4")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     load = os.getloadavg()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {load[0]:.1f} (shared)")
     print(f"demo model, {args.layers} layer(s), 1 sequence of {args.seq_len} tokens per step, fp32")
-    rows = [run(int(c), args) for c in args.cps.split(",")]
-    base = rows[0]
+    cps = [int(c) for c in args.cps.split(",")]
+    runs: dict[int, list[dict[str, Any]]] = {cp: [] for cp in cps}
+    for r in range(args.reps):
+        for cp in cps if r % 2 == 0 else cps[::-1]:
+            runs[cp].append(run(cp, args))
+    base = cps[0]
     print(
-        "| cp | ranks | activations saved per rank (MiB) | vs cp 1 | step time (s) | vs cp 1 | K/V all-gather received per rank per step (MiB) |"
+        f"| cp | ranks | activations saved per rank (MiB) | vs cp {base} | step time (s), median of {args.reps}"
+        f" | vs cp {base}: median (range) | K/V all-gather received per rank per step (MiB) |"
     )
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    rows = []
+    for cp in cps:
+        saved = runs[cp][0]["saved_bytes"]
+        times = [x["step_s"] for x in runs[cp]]
+        ratios = sorted(x["step_s"] / b["step_s"] for x, b in zip(runs[cp], runs[base], strict=True))
+        rows.append(
+            {"cp": cp, "saved_bytes": saved, "step_s": times, "ratios": ratios, "kv_bytes": runs[cp][0]["kv_bytes"]}
+        )
         print(
-            f"| {r['cp']} | {r['cp']} | {r['saved_bytes'] / 2**20:.1f} | {r['saved_bytes'] / base['saved_bytes']:.2f}x"
-            f" | {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f}x | {r['kv_bytes'] / 2**20:.1f} |"
+            f"| {cp} | {cp} | {saved / 2**20:.1f} | {saved / runs[base][0]['saved_bytes']:.2f}x"
+            f" | {statistics.median(times):.2f} | {statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+            f" | {runs[cp][0]['kv_bytes'] / 2**20:.1f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
