@@ -1,7 +1,8 @@
 """Context parallelism (cp): each sequence is split over the cp ranks; attention all-gathers K/V.
 
 Legend: B batch, S full sequence, s = S / cp (this rank's tokens), c = S / (2 cp) (one chunk),
-N query heads, G key/value heads, D head_dim, R = D / 2, V vocabulary (or this rank's shard).
+L (or K) keys a query chunk attends to, N query heads, G key/value heads, D head_dim, V vocabulary
+(or this rank's shard).
 
 Load balancing (as Megatron-Core and Llama 3, arXiv 2407.21783): the sequence is cut into 2 * cp
 chunks of c tokens and cp rank i holds chunks i and 2cp-1-i, concatenated. Under a causal mask the
