@@ -402,7 +402,7 @@ def _context_parallel_line(cfg: Config, layout: Layout) -> str:
     received = gathered * (layout.cp - 1) / layout.cp
     return (
         f"context parallel: cp {layout.cp}, {local} of {t.seq_len} tokens per sequence on each rank (chunks i and"
-        f" {2 * layout.cp - 1}-i of {2 * layout.cp}); activations of every block / {layout.cp};"
+        f" {2 * layout.cp - 1}-i of {2 * layout.cp}); block activations / {layout.cp} plus the gathered K/V;"
         f" K/V all-gather per layer and micro-batch: receives {received / 2**20:.2f} MiB (fp32), backward"
         " reduce-scatters as much"
     )
