@@ -3,14 +3,16 @@ cp K/V exchange at cp 1 / 2 / 4.
 
 The demo model (configs/tiny_cpu.yaml: H 256, 4 heads, 2 KV heads, head_dim 64, 8 experts top-2,
 vocab 8192) with `--layers` blocks trains one sequence of `--seq-len` tokens per step (mock data),
-under cp = 1, 2, 4 (one rank per cp rank, gloo on loopback, `cores / cp` threads each).
+under cp = 1, 2, 4 (one rank per cp rank, gloo on loopback, one thread each: OpenMP threads stall
+badly on an oversubscribed shared machine, and one thread per rank keeps the work per rank comparable).
 
 * activation memory: bytes autograd saves for backward during one step on rank 0 (saved-tensor hooks,
   each storage counted once, parameters excluded): the memory cp divides;
 * step time: median of `--steps` steps after one warm-up, rank 0, in `--reps` repetitions whose cp
   order alternates (1,2,4 then 4,2,1); the ratio to cp 1 is taken within each repetition and reported
   as median (range). All ranks share this machine's cores, so on a CPU box this shows overhead, not
-  the speed-up of cp ranks on their own GPUs;
+  the speed-up of cp ranks on their own GPUs. Also the rank's CPU time per step (`time.process_time`),
+  which other sessions' load does not inflate: the compute each rank does (gloo waits included);
 * cp exchange: bytes each rank receives in the forward K/V all-gathers (the backward reduce-scatter of
   dK/dV moves as much on NCCL; gloo has no reduce-scatter and all-reduces the full K/V gradient),
   counted from the K/V shards entering the all-gather.
@@ -76,7 +78,7 @@ class _SavedBytes:
 
 def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, queue: Any) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(cp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cp))
+    torch.set_num_threads(1)
     from moe_train.config import load_config
     from moe_train.parallel import context_parallel
     from moe_train.parallel.groups import build_process_groups
@@ -96,23 +98,30 @@ def _worker(rank: int, cp: int, port: int, args: argparse.Namespace, queue: Any)
         cfg = load_config(ROOT / "configs/tiny_cpu.yaml", _overrides(args.seq_len, args.layers, cp, Path(tmp)))
         trainer = Trainer(cfg, build_process_groups(cfg, cp, rank))
         saved = _SavedBytes(trainer.pmodel.parameters())
-        times = []
+        times, cpu_times = [], []
         for step in range(args.steps + 1):
             kv_bytes[0] = 0
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if step == 0:
                 with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                     trainer.train_step()
             else:
                 trainer.train_step()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
             trainer.state.step += 1
             trainer.state.consumed_samples += cfg.train.global_batch_size
     if cp > 1:
         dist.destroy_process_group()
     if rank == 0:
         queue.put(
-            {"cp": cp, "saved_bytes": saved.total, "step_s": statistics.median(times[1:]), "kv_bytes": kv_bytes[0]}
+            {
+                "cp": cp,
+                "saved_bytes": saved.total,
+                "step_s": statistics.median(times[1:]),
+                "cpu_s": statistics.median(cpu_times[1:]),
+                "kv_bytes": kv_bytes[0],
+            }
         )
 
 
@@ -157,21 +166,22 @@ def main() -> None:
     base = cps[0]
     print(
         f"| cp | ranks | activations saved per rank (MiB) | vs cp {base} | step time (s), median of {args.reps}"
-        f" | vs cp {base}: median (range) | K/V all-gather received per rank per step (MiB) |"
+        f" | vs cp {base}: median (range) | rank CPU time per step (s) | vs cp {base}"
+        " | K/V all-gather received per rank per step (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for cp in cps:
         saved = runs[cp][0]["saved_bytes"]
         times = [x["step_s"] for x in runs[cp]]
         ratios = sorted(x["step_s"] / b["step_s"] for x, b in zip(runs[cp], runs[base], strict=True))
-        rows.append(
-            {"cp": cp, "saved_bytes": saved, "step_s": times, "ratios": ratios, "kv_bytes": runs[cp][0]["kv_bytes"]}
-        )
+        cpu = statistics.median(x["cpu_s"] for x in runs[cp])
+        cpu_base = statistics.median(x["cpu_s"] for x in runs[base])
+        rows.append({"cp": cp, "saved_bytes": saved, "runs": runs[cp]})
         print(
             f"| {cp} | {cp} | {saved / 2**20:.1f} | {saved / runs[base][0]['saved_bytes']:.2f}x"
             f" | {statistics.median(times):.2f} | {statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
-            f" | {runs[cp][0]['kv_bytes'] / 2**20:.1f} |"
+            f" | {cpu:.2f} | {cpu / cpu_base:.2f}x | {runs[cp][0]['kv_bytes'] / 2**20:.1f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
