@@ -126,10 +126,13 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout; data parallel size is derived as world / (tp * pp)."""
+    """Parallel layout; data parallel size is derived as world / (tp * cp * pp)."""
 
     tp: int = 1
     """Tensor-parallel size (attention, dense MLP, embeddings); sequence parallel is on when tp > 1."""
+    cp: int = 1
+    """Context-parallel size: each sequence is split over cp ranks (load-balanced causal chunks); K/V
+    are all-gathered over cp inside attention. train.seq_len must be divisible by 2 * cp."""
     pp: int = 1
     """Pipeline-parallel stages."""
     vpp: int = 1

@@ -7,6 +7,8 @@ column-sharded (tensor-parallel) wq/wk/wv work unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,8 @@ class Attention(nn.Module):
         )
         self.q_norm = RMSNorm(q_width, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(k_width, norm_eps) if qk_norm else None
+        self.core_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = causal_attention
+        """(q_BSND, k_BSGD, v_BSGD) -> out_BSND after RoPE; context parallelism swaps in its K/V exchange."""
 
     def forward(self, x_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
         """Self-attention over the sequence; returns out_BSH."""
@@ -75,5 +79,5 @@ class Attention(nn.Module):
             q_BSND, k_BSGD = self.q_norm(q_BSND), self.k_norm(k_BSGD)
         q_BSND = apply_rope(q_BSND, cos_SR, sin_SR)
         k_BSGD = apply_rope(k_BSGD, cos_SR, sin_SR)
-        out_BSND = causal_attention(q_BSND, k_BSGD, v_BSGD)
+        out_BSND = self.core_attention(q_BSND, k_BSGD, v_BSGD)
         return self.wo(out_BSND.reshape(B, S, -1))

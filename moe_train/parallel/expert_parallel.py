@@ -368,8 +368,8 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> None:
         shard_experts(layer, f"{name}." if name else "", groups)
         if groups.ep_size * groups.etp_size > 1:
             layer.dispatcher = AllToAllDispatcher(layer.dispatcher, groups)
-        if groups.tp_size > 1:
-            layer.stats_reducer = SequenceShardStats(groups.tp)
+        if groups.tp_size * groups.cp_size > 1:  # the micro-batch's tokens are split over tp x cp
+            layer.stats_reducer = SequenceShardStats(groups.tp_cp if groups.cp_size > 1 else groups.tp)
     logger.info(
         "expert parallel applied to %d MoE layers: ep %d (rank %d), etp %d (rank %d), tp stats %s",
         len(layers),
@@ -377,5 +377,5 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> None:
         groups.ep_rank,
         groups.etp_size,
         groups.etp_rank,
-        "on" if groups.tp_size > 1 else "off",
+        "on" if groups.tp_size * groups.cp_size > 1 else "off",
     )

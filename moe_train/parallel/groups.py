@@ -34,12 +34,14 @@ class ProcessGroups:
     rank: int = 0
     world_size: int = 1
     tp_rank: int = 0
+    cp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
     ep_rank: int = 0
     etp_rank: int = 0
     edp_rank: int = 0
     tp_size: int = 1
+    cp_size: int = 1
     pp_size: int = 1
     vpp_size: int = 1
     dp_size: int = 1
@@ -47,14 +49,19 @@ class ProcessGroups:
     etp_size: int = 1
     edp_size: int = 1
     tp: Group = None
+    cp: Group = None
+    """Context parallel: the ranks holding the other chunks of this rank's sequences (K/V all-gather)."""
+    tp_cp: Group = None
+    """Tensor x context parallel: every token shard of one micro-batch (router statistics)."""
     pp: Group = None
     dp: Group = None
     dp_cp: Group = None
+    """Data x context parallel: dense gradients are summed here."""
     ep: Group = None
     etp: Group = None
     edp: Group = None
     stage: Group = None
-    """All ranks of this pipeline stage (tp x dp = edp x ep x etp)."""
+    """All ranks of this pipeline stage (tp x cp x dp = edp x ep x etp)."""
     lbl: Group = None
     """Global-batch load-balancing loss: sum per-expert token counts here (the stage group)."""
     mixture: Group = None
@@ -83,8 +90,9 @@ class ProcessGroups:
 
     @property
     def contributes_domain_loss(self) -> bool:
-        """Whether this rank's per-domain losses enter the 'mixture' all-reduce (once per DP replica)."""
-        return self.is_last_stage and self.tp_rank == 0
+        """Whether this rank's per-domain losses enter the 'mixture' all-reduce (once per DP replica:
+        the tp and cp ranks of a replica hold the same full-sequence token losses)."""
+        return self.is_last_stage and self.tp_rank == 0 and self.cp_rank == 0
 
     def group(self, kind: str) -> Group:
         """The group of a kind by name (see GROUP_KINDS)."""
@@ -115,7 +123,7 @@ class ProcessGroups:
         """One line: rank and coordinates, for logs."""
         return (
             f"rank {self.rank}/{self.world_size}: pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size}"
-            f" tp {self.tp_rank}/{self.tp_size} | edp {self.edp_rank}/{self.edp_size}"
+            f" cp {self.cp_rank}/{self.cp_size} tp {self.tp_rank}/{self.tp_size} | edp {self.edp_rank}/{self.edp_size}"
             f" ep {self.ep_rank}/{self.ep_size} etp {self.etp_rank}/{self.etp_size}"
         )
 
@@ -149,12 +157,14 @@ def groups_from_layout(layout: Layout, rank: int, timeout: timedelta | None = No
         rank=rank,
         world_size=layout.world_size,
         tp_rank=c.tp_rank,
+        cp_rank=c.cp_rank,
         pp_rank=c.pp_rank,
         dp_rank=c.dp_rank,
         ep_rank=c.ep_rank,
         etp_rank=c.etp_rank,
         edp_rank=c.edp_rank,
         tp_size=layout.tp,
+        cp_size=layout.cp,
         pp_size=layout.pp,
         vpp_size=layout.vpp,
         dp_size=layout.dp,

@@ -5,7 +5,7 @@ checked on one machine in milliseconds.
 
 Two meshes share the same ranks (Megatron-Core *MoE Parallel Folding*, arXiv 2504.14960):
 
-* attention / dense side: ``[pp, dp, tp]`` with tp fastest, ``dp = world / (tp * pp)``;
+* attention / dense side: ``[pp, dp, cp, tp]`` with tp fastest, ``dp = world / (tp * cp * pp)``;
 * expert side: ``[pp, edp, ep, etp]`` with etp fastest, ``edp = world / (etp * ep * pp)``.
 
 pp is the outermost dimension of both, so a pipeline stage is the same set of ranks on both sides;
@@ -13,7 +13,7 @@ inside a stage the expert mesh is "folded" over the attention mesh, and an EP gr
 attention-TP and attention-DP ranks.
 
 Rank formulas, with ``S = world / pp`` ranks per stage and ``r = rank % S``:
-``pp_rank = rank // S``, ``dp_rank = r // tp``, ``tp_rank = r % tp``,
+``pp_rank = rank // S``, ``dp_rank = r // (cp * tp)``, ``cp_rank = (r // tp) % cp``, ``tp_rank = r % tp``,
 ``edp_rank = r // (ep * etp)``, ``ep_rank = (r // etp) % ep``, ``etp_rank = r % etp``.
 """
 
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 GROUP_KINDS: tuple[str, ...] = (
     "tp",
+    "cp",
+    "tp_cp",
     "pp",
     "dp",
     "dp_cp",
@@ -44,8 +46,11 @@ GROUP_KINDS: tuple[str, ...] = (
 )
 """Every process-group kind, in the order groups are created (identical on all ranks).
 
-* ``tp``, ``pp``, ``dp``: attention-side tensor / pipeline / data parallel groups.
-* ``dp_cp``: data x context parallel; equal to ``dp`` (no context parallelism yet).
+* ``tp``, ``cp``, ``pp``, ``dp``: attention-side tensor / context / pipeline / data parallel groups.
+* ``tp_cp``: tensor x context parallel: the ranks holding token shards of the same micro-batch (the
+  sequence-parallel and context-parallel shards); router statistics are summed here.
+* ``dp_cp``: data x context parallel: dense gradients are summed here (cp ranks hold different
+  tokens of the same sequences); equal to ``dp`` when cp == 1.
 * ``ep``, ``etp``, ``edp``: expert-side expert / expert-tensor / expert-data parallel groups.
   Dense gradients are all-reduced over ``dp``, expert gradients over ``edp``.
 * ``stage``: all ranks of one pipeline stage (= tp x dp = edp x ep x etp); the token dispatcher's
@@ -54,12 +59,12 @@ GROUP_KINDS: tuple[str, ...] = (
   ``stage`` group: the counts of a layer must cover every token of the global batch that reaches that
   layer, and only ranks of the same stage hold the same layers. DP ranks see different sequences, and
   under sequence parallelism (always on when tp > 1) the tokens entering the router are split along
-  the sequence over the TP ranks, so TP ranks see different tokens too. Both must be summed; PP ranks
-  must not (other layers). Micro-batch-scope LBL with tp > 1 sums over ``tp`` only (the SP shards of
-  one micro-batch).
+  the sequence over the TP ranks, so TP ranks see different tokens too (and CP ranks other chunks
+  of the sequences). All must be summed; PP ranks must not (other layers). Micro-batch-scope LBL with
+  tp * cp > 1 sums over ``tp_cp`` only (the SP / CP shards of one micro-batch).
 * ``mixture``: where the mixture sampler sums per-domain losses: the world. Losses exist on the last
-  stage and are equal on the TP ranks of a DP replica (vocab-parallel cross entropy), so only ranks
-  with ``is_last_stage and tp_rank == 0`` contribute non-zero values; one all-reduce over the world
+  stage and are equal on the TP and CP ranks of a DP replica (vocab-parallel cross entropy, the CP
+  token losses all-gathered), so only ranks with ``is_last_stage and tp_rank == cp_rank == 0`` contribute non-zero values; one all-reduce over the world
   then gives every rank (all stages) the same sums, so every rank's sampler takes the same update.
 * ``grad_norm``: the world; each rank adds the squared norms of the parameters it owns once
   (replicated parameters only from tp_rank 0 / one DP replica).
@@ -71,12 +76,13 @@ GROUP_KINDS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class RankCoords:
-    """One rank's coordinates on the attention mesh [pp, dp, tp] and expert mesh [pp, edp, ep, etp]."""
+    """One rank's coordinates on the attention mesh [pp, dp, cp, tp] and expert mesh [pp, edp, ep, etp]."""
 
     rank: int
     pp_rank: int
     dp_rank: int
     tp_rank: int
+    cp_rank: int
     edp_rank: int
     ep_rank: int
     etp_rank: int
@@ -96,6 +102,8 @@ class Layout:
     vpp: int
     groups: dict[str, list[list[int]]]
     """Group kind (see GROUP_KINDS) -> its groups; each kind's groups partition range(world_size)."""
+    cp: int = 1
+    """Context-parallel size (attention mesh [pp, dp, cp, tp])."""
 
     @property
     def stage_size(self) -> int:
@@ -110,8 +118,9 @@ class Layout:
         return RankCoords(
             rank=rank,
             pp_rank=rank // self.stage_size,
-            dp_rank=r // self.tp,
+            dp_rank=r // (self.cp * self.tp),
             tp_rank=r % self.tp,
+            cp_rank=(r // self.tp) % self.cp,
             edp_rank=r // (self.ep * self.etp),
             ep_rank=(r // self.etp) % self.ep,
             etp_rank=r % self.etp,
@@ -147,12 +156,13 @@ def _require(ok: bool, message: str) -> None:
 def _check_world(world_size: int, p: ParallelConfig) -> None:
     """The divisibility checks that a rank layout needs."""
     _require(world_size >= 1, f"world size ({world_size}) must be >= 1")
-    for key in ("tp", "pp", "vpp", "ep", "etp"):
+    for key in ("tp", "cp", "pp", "vpp", "ep", "etp"):
         value = getattr(p, key)
         _require(value >= 1, f"parallel.{key} ({value}) must be >= 1")
+    cp_term = f" * parallel.cp ({p.cp})" if p.cp > 1 else ""
     _require(
-        world_size % (p.tp * p.pp) == 0,
-        f"world size ({world_size}) is not divisible by parallel.tp ({p.tp}) * parallel.pp ({p.pp})",
+        world_size % (p.tp * p.cp * p.pp) == 0,
+        f"world size ({world_size}) is not divisible by parallel.tp ({p.tp}){cp_term} * parallel.pp ({p.pp})",
     )
     _require(
         world_size % (p.etp * p.ep * p.pp) == 0,
@@ -165,16 +175,18 @@ def rank_layout(world_size: int, parallel_cfg: ParallelConfig) -> Layout:
     """Derive dp, edp and every group kind's rank lists; raises ConfigError if the sizes do not fit."""
     p = parallel_cfg
     _check_world(world_size, p)
-    dp = world_size // (p.tp * p.pp)
+    dp = world_size // (p.tp * p.cp * p.pp)
     edp = world_size // (p.etp * p.ep * p.pp)
-    attn = (p.pp, dp, p.tp)
+    attn = (p.pp, dp, p.cp, p.tp)
     expert = (p.pp, edp, p.ep, p.etp)
-    stage = _mesh_groups(attn, (1, 2))
+    stage = _mesh_groups(attn, (1, 2, 3))
     groups = {
-        "tp": _mesh_groups(attn, (2,)),
+        "tp": _mesh_groups(attn, (3,)),
+        "cp": _mesh_groups(attn, (2,)),
+        "tp_cp": _mesh_groups(attn, (2, 3)),
         "pp": _mesh_groups(attn, (0,)),
         "dp": _mesh_groups(attn, (1,)),
-        "dp_cp": _mesh_groups(attn, (1,)),
+        "dp_cp": _mesh_groups(attn, (1, 2)),
         "ep": _mesh_groups(expert, (2,)),
         "etp": _mesh_groups(expert, (3,)),
         "edp": _mesh_groups(expert, (1,)),
@@ -184,7 +196,7 @@ def rank_layout(world_size: int, parallel_cfg: ParallelConfig) -> Layout:
         "grad_norm": [list(range(world_size))],
         "embedding": _embedding_groups(world_size, p.pp),
     }
-    return Layout(world_size, p.tp, p.pp, dp, p.ep, p.etp, edp, p.vpp, groups)
+    return Layout(world_size, p.tp, p.pp, dp, p.ep, p.etp, edp, p.vpp, groups, p.cp)
 
 
 def _embedding_groups(world_size: int, pp: int) -> list[list[int]]:
@@ -221,6 +233,28 @@ def _check_tensor_parallel(cfg: Config) -> None:
         )
     _check_divisible(moe.expert_ffn_hidden_size, "moe.expert_ffn_hidden_size", p.etp, "parallel.etp")
     _check_divisible(cfg.train.seq_len, "train.seq_len (sequence parallel)", p.tp, "parallel.tp")
+    _check_context_parallel(cfg)
+
+
+def _check_context_parallel(cfg: Config) -> None:
+    """Load-balanced causal chunks: 2 * cp equal chunks per sequence, each rank's pair split by tp."""
+    p, seq_len = cfg.parallel, cfg.train.seq_len
+    if p.cp == 1:
+        return
+    _require(
+        seq_len % (2 * p.cp) == 0,
+        f"train.seq_len ({seq_len}) is not divisible by 2 * parallel.cp ({2 * p.cp}): context parallelism"
+        " splits each sequence into 2 * cp equal chunks",
+    )
+    _require(
+        (seq_len // p.cp) % p.tp == 0,
+        f"train.seq_len / parallel.cp ({seq_len // p.cp}) is not divisible by parallel.tp ({p.tp})"
+        " (sequence parallelism splits each context-parallel shard)",
+    )
+    _require(
+        cfg.engine.name != "deepspeed",
+        f"parallel.cp ({p.cp}) > 1 is not supported with engine.name 'deepspeed' (use the native engine)",
+    )
 
 
 def check_layer_split(cfg: Config) -> None:
@@ -343,21 +377,39 @@ def _format_count(n: float) -> str:
 def _layout_lines(cfg: Config, layout: Layout) -> list[str]:
     t, p = cfg.train, cfg.parallel
     num_micro = t.global_batch_size // (layout.dp * t.micro_batch_size)
+    cp_dim = f" cp {layout.cp}," if layout.cp > 1 else ""
     lines = [
-        f"world {layout.world_size}: attention [pp {layout.pp}, dp {layout.dp}, tp {layout.tp}]"
+        f"world {layout.world_size}: attention [pp {layout.pp}, dp {layout.dp},{cp_dim} tp {layout.tp}]"
         f" | experts [pp {layout.pp}, edp {layout.edp}, ep {layout.ep}, etp {layout.etp}] | vpp {layout.vpp}",
         f"batch: global {t.global_batch_size} = dp {layout.dp} x micro {t.micro_batch_size}"
         f" x {num_micro} micro-batches; schedule {p.pp_schedule}"
         f", bubble {100 * bubble_fraction(layout.pp, num_micro, layout.vpp):.1f}%",
     ]
+    if layout.cp > 1:
+        lines.append(_context_parallel_line(cfg, layout))
     max_shown = 8 if layout.world_size <= 64 else 3
     lines.append("process groups (kind, count x size, ranks):")
     lines += [_format_groups(kind, layout.groups[kind], max_shown) for kind in GROUP_KINDS]
     return lines
 
 
+def _context_parallel_line(cfg: Config, layout: Layout) -> str:
+    """Tokens per rank and the K/V all-gather of one attention layer per micro-batch (fp32 numbers)."""
+    m, t = cfg.model, cfg.train
+    local = t.seq_len // layout.cp
+    kv_heads = m.num_kv_heads // layout.tp
+    gathered = 2 * t.micro_batch_size * t.seq_len * kv_heads * m.head_dim * 4  # K and V, whole sequence
+    received = gathered * (layout.cp - 1) / layout.cp
+    return (
+        f"context parallel: cp {layout.cp}, {local} of {t.seq_len} tokens per sequence on each rank (chunks i and"
+        f" {2 * layout.cp - 1}-i of {2 * layout.cp}); block activations / {layout.cp} plus the gathered K/V;"
+        f" K/V all-gather per layer and micro-batch: receives {received / 2**20:.2f} MiB (fp32), backward"
+        " reduce-scatters as much"
+    )
+
+
 def _memory_line(rp: RankParams, layout: Layout, zero1: bool) -> tuple[float, str]:
-    weights_grads, adam = rank_memory_bytes(rp, layout.dp, layout.edp, zero1)
+    weights_grads, adam = rank_memory_bytes(rp, layout.dp * layout.cp, layout.edp, zero1)
     total = weights_grads + adam
     extras = "".join(f" +{name}" for name in rp.extras)
     line = (
@@ -387,7 +439,7 @@ def _memory_lines(cfg: Config, layout: Layout) -> list[str]:
     per_rank = rank_parameters(cfg.model, cfg.moe, cfg.parallel)
     zero1 = cfg.parallel.zero1
     lines = [
-        f"per-rank memory (fp32 params + grads + Adam m,v, no activations; zero1 {'on: Adam / dp (dense), / edp (experts)' if zero1 else 'off'}):"
+        f"per-rank memory (fp32 params + grads + Adam m,v, no activations; zero1 {'on: Adam / dp x cp (dense), / edp (experts)' if zero1 else 'off'}):"
     ]
     scored = [_memory_line(rp, layout, zero1) for rp in per_rank]
     shown = scored if len(scored) <= 8 else scored[:2] + scored[-2:]

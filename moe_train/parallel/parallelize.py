@@ -1,10 +1,11 @@
 """`parallelize(model, groups, cfg)`: the one place where parallelism is applied to the single-device model.
 
-Order (torchtitan style): tensor + sequence parallel → expert (+ expert-tensor) parallel → the
-load-balancing count reduction over the ``lbl`` group → pipeline stages → data-parallel gradient
-reduction. Every piece slices the model it is given: the trainer gives it the model on the meta device
-and materialises each rank's shards afterwards (moe_train.parallel.materialize), from an initialiser
-whose values do not depend on the layout, so each shard starts from exactly the single-device values.
+Order (torchtitan style): tensor + sequence parallel → expert (+ expert-tensor) parallel → context
+parallel (sequence chunks, K/V all-gather, dense grads over dp x cp) → the load-balancing count
+reduction over the ``lbl`` group → pipeline stages → data-parallel gradient reduction. Every piece
+slices the model it is given: the trainer gives it the model on the meta device and materialises each
+rank's shards afterwards (moe_train.parallel.materialize), from an initialiser whose values do not
+depend on the layout, so each shard starts from exactly the single-device values.
 Each piece is skipped when its size is 1, so a single process gets the model back unchanged.
 """
 
@@ -58,20 +59,24 @@ class ParallelModel:
 
 
 def parallelize(model: nn.Module, groups: ProcessGroups, cfg: Config) -> ParallelModel:
-    """Apply TP/SP → EP → PP → DP to `model` for this rank (in place where possible)."""
+    """Apply TP/SP → EP → CP → PP → DP to `model` for this rank (in place where possible)."""
     return attach_grad_reducer(shard_model(model, groups, cfg))
 
 
 def shard_model(model: nn.Module, groups: ProcessGroups, cfg: Config) -> ParallelModel:
-    """TP/SP → EP → PP: this rank's chunks of the model, every parameter with its ParamMeta."""
+    """TP/SP → EP → CP → PP: this rank's chunks of the model, every parameter with its ParamMeta."""
     if groups.tp_size > 1:
         from moe_train.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, groups)
-    if groups.ep_size > 1 or groups.etp_size > 1 or groups.tp_size > 1:
+    if groups.ep_size > 1 or groups.etp_size > 1 or groups.tp_size > 1 or groups.cp_size > 1:
         from moe_train.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, groups)
+    if groups.cp_size > 1:
+        from moe_train.parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, groups)
     if groups.size("lbl") > 1:
         from moe_train.parallel.load_balance import apply_load_balance_groups
 

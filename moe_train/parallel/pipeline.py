@@ -522,9 +522,9 @@ class PipelineSchedule:
         return x_in.grad
 
     def _activation_shape(self, tokens_BS: torch.Tensor) -> tuple[int, int, int]:
-        """[B, S / tp, H]: the sequence-parallel shard of the hidden state between stages."""
+        """[B, S / (cp * tp), H]: the context- and sequence-parallel shard of the hidden state between stages."""
         batch, seq = tokens_BS.shape
-        return batch, seq // self.groups.tp_size, self.hidden_size
+        return batch, seq // (self.groups.cp_size * self.groups.tp_size), self.hidden_size
 
     def _check_activation(self, h_BSH: torch.Tensor, tokens_BS: torch.Tensor, c: int) -> None:
         shape = self._activation_shape(tokens_BS)

@@ -7,8 +7,8 @@ on its shards, and the updated chunks are all-gathered back into the parameters 
 data-parallel kind). The update is element-wise, so the result equals an unsharded torch AdamW bit for
 bit; only the optimizer memory is divided.
 
-The data-parallel group of a parameter is the first of "dp" / "edp" in its replicated_kinds: "dp" for
-dense parameters, "edp" for experts. Sequence-parallel replicated parameters (replicated over
+The data-parallel group of a parameter is the first of "dp" / "dp_cp" / "edp" in its replicated_kinds:
+"dp" for dense parameters ("dp_cp" under context parallelism), "edp" for experts. Sequence-parallel replicated parameters (replicated over
 ("dp", "tp")) are sharded over "dp" only: every tp rank updates the same chunks identically.
 
 `state_dict()` is in local canonical form — keyed by canonical name, each state tensor shaped like the
@@ -32,7 +32,7 @@ from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.param_meta import get_meta, group_index
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
-DP_KINDS = ("dp", "edp")
+DP_KINDS = ("dp", "dp_cp", "edp")
 
 
 def zero_kind(replicated_kinds: tuple[str, ...]) -> str | None:

@@ -74,6 +74,8 @@ def _options(cfg: Config, args: argparse.Namespace) -> PlanOptions:
     if any(c < 1 for c in cps):
         raise PlanError(f"--cp ({args.cp}) sizes must be >= 1")
     over["cp_sizes"] = cps
+    if config_has_key(CP_KEY):  # what the trainer builds: K/V all-gather (moe_train/parallel/context_parallel.py)
+        over["cp_comm"] = "allgather"
     return options_from_config(cfg, **over)
 
 

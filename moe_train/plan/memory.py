@@ -99,7 +99,11 @@ def attention_activation_bytes(w: Workload, mode: str) -> float:
     core_out = T * w.q_dim / tp * a + T * w.cfg.model.num_heads / tp * 4  # output + fp32 log-sum-exp
     if mode == "selective":
         core_out = 0.0  # recomputed from q, k, v in backward
-    return norm_in + proj_in + qk_norm + qkv + core_out
+    cp = w.layout.cp
+    gathered_kv = 0.0  # cp all-gather: the other ranks' K/V of the whole sequence are saved for backward
+    if cp > 1 and w.options.cp_comm == "allgather":
+        gathered_kv = (cp - 1) * T * 2 * w.kv_dim / tp * a
+    return norm_in + proj_in + qk_norm + qkv + core_out + gathered_kv
 
 
 def ffn_activation_bytes(w: Workload, moe: bool, mode: str) -> float:

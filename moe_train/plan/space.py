@@ -2,9 +2,8 @@
 and validity from the trainer's own rules.
 
 Dimensions the trainer's Config does not have yet are planner dimensions here, so a plan can use them
-now and the lead can wire them when their issues land: `cp` (context parallelism, issue 14),
-`recompute` and `loss_chunk_tokens` (issue 9), `dispatch_dtype` (issue 7), `gemm_precision` (FP8 GEMMs,
-which the published GB200 runs use). `config_has_key` tells which of them exist in this Config.
+now and the lead can wire them when their issues land: `recompute` and `loss_chunk_tokens` (issue 9), `dispatch_dtype` (issue 7), `gemm_precision` (FP8 GEMMs,
+which the published GB200 runs use). `config_has_key` tells which of them exist in this Config; `cp` (`parallel.cp`) does.
 
 Meshes (MoE Parallel Folding, arXiv 2504.14960): attention [pp, dp, cp, tp], experts [pp, edp, ep, etp],
 so dp = world / (pp * cp * tp) and edp = world / (pp * ep * etp).
@@ -23,7 +22,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 DISPATCH_DTYPES = ("fp32", "bf16", "fp8")
 GEMM_PRECISIONS = ("fp32", "bf16", "fp8")
 CP_KEY = "parallel.cp"
-"""The trainer's context-parallel key (issue 14). Until it exists, plans search cp = 1 by default."""
+"""The trainer's context-parallel key; `moe-train plan` searches cp 1/2/4/8 because it exists."""
 RECOMPUTE_KEY = "train.recompute"
 """The trainer's activation-recompute key (issue 9). Until it exists, plans search recompute 'none' by default."""
 
@@ -156,7 +155,8 @@ class PlanOptions:
     recipe: StateRecipe | None = None
     """None = from the config's engine (native / deepspeed) and the layout's zero1."""
     cp_comm: str = "ring"
-    """Context parallel K/V exchange: 'ring' (P2P, overlapped with attention) or 'allgather'."""
+    """Context parallel K/V exchange: 'ring' (P2P, overlapped with attention) or 'allgather' (what the
+    trainer builds; `moe-train plan` sets it when the config has parallel.cp)."""
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     recompute_modes: tuple[str, ...] = RECOMPUTE_MODES
     cp_sizes: tuple[int, ...] = (1,)
@@ -179,11 +179,12 @@ def options_from_config(cfg: Config, **overrides: typing.Any) -> PlanOptions:
 
 
 def layout_from_config(cfg: Config) -> PlanLayout:
-    """The PlanLayout a config already describes (cp = 1, recompute 'none' until those keys exist)."""
+    """The PlanLayout a config already describes (recompute 'none' until that key exists)."""
     p = cfg.parallel
     split = tuple(p.pp_layer_split) if p.pp_layer_split is not None else None
     return PlanLayout(
         tp=p.tp,
+        cp=p.cp,
         pp=p.pp,
         vpp=p.vpp,
         ep=p.ep,
@@ -239,6 +240,7 @@ def layout_config(cfg: Config, layout: PlanLayout, options: PlanOptions) -> Conf
     p = dataclasses.replace(
         cfg.parallel,
         tp=layout.tp,
+        cp=layout.cp,
         pp=layout.pp,
         vpp=layout.vpp,
         ep=layout.ep,
@@ -257,9 +259,9 @@ def layout_config(cfg: Config, layout: PlanLayout, options: PlanOptions) -> Conf
 
 
 def check_context_parallel(cfg: Config, layout: PlanLayout, world_size: int) -> None:
-    """The context-parallel rules the trainer does not check yet (issue 14 adds parallel.cp): the
-    sequence splits into 2 * cp load-balanced chunks, each chunk's tokens split over tp, and
-    cp * tp * pp divides the world. Replace with the trainer's own cp check when it lands."""
+    """The context-parallel rules (the trainer's `validate_layout` checks the same since parallel.cp
+    exists): the sequence splits into 2 * cp load-balanced chunks, each chunk's tokens split over tp,
+    and cp * tp * pp divides the world."""
     cp, tp, pp, seq = layout.cp, layout.tp, layout.pp, cfg.train.seq_len
     if cp < 1:
         raise ConfigError(f"parallel.cp ({cp}) must be >= 1")
@@ -278,18 +280,12 @@ def check_context_parallel(cfg: Config, layout: PlanLayout, world_size: int) -> 
 def validate_plan_layout(cfg: Config, layout: PlanLayout, options: PlanOptions, world_size: int) -> Layout:
     """Raise ConfigError unless `layout` can run `cfg` on `world_size` ranks; returns the trainer's Layout.
 
-    Everything but context parallelism is the trainer's own `validate_layout`. Its batch check uses
-    dp = world / (tp * pp); with cp > 1 the attention dp is world / (tp * cp * pp), so it is given a
-    global batch cp times larger, which makes its divisibility and micro-batch-count checks exactly the
-    ones of the cp layout (G % (dp * mbs) and G / (dp * mbs) are unchanged). Then `check_context_parallel`.
+    The trainer's own `validate_layout` on the layout's config (it knows parallel.cp: dp = world /
+    (tp * cp * pp), seq_len divisible by 2 * cp); `check_context_parallel` first, for its planner wording.
     """
     trial = layout_config(cfg, layout, options)
-    if layout.cp > 1:
-        t = dataclasses.replace(trial.train, global_batch_size=trial.train.global_batch_size * layout.cp)
-        trial = dataclasses.replace(trial, train=t)
-    result = validate_layout(trial, world_size)
-    check_context_parallel(layout_config(cfg, layout, options), layout, world_size)
-    return result
+    check_context_parallel(trial, layout, world_size)
+    return validate_layout(trial, world_size)
 
 
 def config_has_key(path: str, cls: type = Config) -> bool:
