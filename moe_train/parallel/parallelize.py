@@ -1,8 +1,8 @@
 """`parallelize(model, groups, cfg)`: the one place where parallelism is applied to the single-device model.
 
 Order (torchtitan style): tensor + sequence parallel → expert (+ expert-tensor) parallel → the
-load-balancing count reduction over the ``lbl`` group → pipeline stages → data-parallel gradient
-reduction. Every piece slices the full model, built identically on
+load-balancing count reduction over the ``lbl`` group → pipeline stages → activation recompute and the
+chunked loss → data-parallel gradient reduction. Every piece slices the full model, built identically on
 every rank from `train.seed`, so each shard starts from exactly the single-device initialisation.
 Each piece is skipped when its size is 1, so a single process gets the model back unchanged.
 """
@@ -85,9 +85,20 @@ def shard_model(model: nn.Module, groups: ProcessGroups, cfg: Config) -> Paralle
             raise TypeError(f"pipeline parallelism needs a MoETransformer, got {type(model).__name__}")
         stage_chunks, schedule = build_pipeline(model, groups, cfg)
         chunks = list(stage_chunks)
+    apply_memory_options(chunks, cfg)
     pm = ParallelModel(chunks=chunks, groups=groups, schedule=schedule)
     pm.metas()
     return pm
+
+
+def apply_memory_options(chunks: list[nn.Module], cfg: Config) -> None:
+    """Activation recompute (train.recompute) and the chunked head + loss (train.loss_chunk_tokens) on
+    every chunk; after the sharding, so the recomputed regions hold the collectives they replay."""
+    from moe_train.model.transformer import set_loss_chunking, set_recompute
+
+    for chunk in chunks:
+        set_recompute(chunk, cfg.train.recompute)
+        set_loss_chunking(chunk, cfg.train.loss_chunk_tokens)
 
 
 def attach_grad_reducer(pm: ParallelModel) -> ParallelModel:
