@@ -219,21 +219,27 @@ class SyncCounter:
         return sum(self.calls.values())
 
 
-def test_forward_backward_syncs_once_per_moe_layer_and_once_per_step(tmp_path: Path) -> None:
-    """forward_backward of M micro-batches through L MoE layers: one host copy per layer forward (the
-    experts' split sizes) and one for the step's statistics, nothing per expert or per micro-batch."""
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_forward_backward_host_syncs(tmp_path: Path, grouped_mm: bool) -> None:
+    """forward_backward of M micro-batches through L MoE layers: one host copy for the step's statistics;
+    per MoE layer forward none with the grouped GEMM (offsets stay on the device), one (the split sizes,
+    not one per expert) with the per-expert loop."""
+    from moe_train.model.moe.experts import GroupedExperts
     from moe_train.train.step import forward_backward
     from moe_train.train.trainer import Trainer
 
     cfg = load_config(None, [*BASE, f"run.dir={tmp_path}"])
     trainer = Trainer(cfg)
+    for m in trainer.model.modules():
+        if isinstance(m, GroupedExperts):
+            m.grouped_mm = grouped_mm
     batches = trainer.micro_batches(0)
     num_moe = cfg.model.num_layers - cfg.moe.first_k_dense
     with SyncCounter() as counter:
         forward_backward(trainer.pmodel, batches, trainer.device, trainer._autocast(), 3)
-    # per micro-batch and MoE layer one tolist of the split sizes; per step one .cpu() of the packed
-    # statistics (and a tolist of that host tensor, which does not sync)
-    assert counter.calls == {"tolist": len(batches) * num_moe + 1, "cpu": 1}, counter.calls
+    per_layer = 0 if grouped_mm else len(batches) * num_moe
+    # + one .cpu() of the packed statistics (and a tolist of that host tensor, which does not sync)
+    assert counter.calls == {"tolist": per_layer + 1, "cpu": 1}, counter.calls
     with SyncCounter() as sanity:  # the counter sees a sync when there is one
         float(torch.ones(()))
     assert sanity.total == 1
@@ -243,16 +249,19 @@ def test_forward_backward_syncs_once_per_moe_layer_and_once_per_step(tmp_path: P
 # Fused GEMMs (compute-time: the parameters keep their names and shapes)
 
 
-def test_fused_gemms_give_the_same_loss_and_grads() -> None:
+@pytest.mark.parametrize("variant", ["fused", "loop"])
+def test_fused_gemms_give_the_same_loss_and_grads(variant: str) -> None:
+    """Compute-time fusions (q|k|v, w1|w3 per expert and dense) and the per-expert loop instead of the
+    grouped GEMM: same loss and gradients, same parameter names."""
     cfg = load_config(None, [*BASE, "model.qk_norm=true"])
     tokens_BS = torch.randint(0, cfg.model.vocab_size, (2, 16))
     runs = []
-    for fused in (False, True):
+    for on in (False, True):
         model = build_model(cfg)
         for m in model.modules():
-            for attr in ("fuse_qkv", "fuse_gate_up"):
+            for attr in ("fuse_qkv", "fuse_gate_up") if variant == "fused" else ("grouped_mm",):
                 if hasattr(m, attr):
-                    setattr(m, attr, fused)
+                    setattr(m, attr, on if variant == "fused" else not on)
         out = model(tokens_BS, torch.roll(tokens_BS, -1, 1))
         out.token_loss_BS.mean().backward()
         runs.append((out.token_loss_BS.detach(), _grads(model), [n for n, _ in model.named_parameters()]))

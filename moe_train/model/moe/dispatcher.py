@@ -36,8 +36,9 @@ class DispatchContext:
     num_tokens: int
     """T."""
     expert_splits: list[int] | None
-    """Host copy of the dispatched rows per (local) expert, for the experts' split sizes: the layer's one
-    device-to-host copy, made by the dispatcher together with whatever else it needs on the host."""
+    """Host copy of the dispatched rows per (local) expert, made by the dispatcher when it needs the counts
+    on the host anyway (capacity drops, the EP all-to-all's split sizes): the layer's one device-to-host
+    copy, reused by the experts. None when the dispatcher made none (dropless on one device)."""
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -132,8 +133,10 @@ class TokenDispatcher:
     def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
         """-> (x_sorted_NH, tokens_per_expert_E after drops, ctx)."""
         row_map_TK, tokens_per_expert_E = self.route(routing)
-        splits = tokens_per_expert_E.tolist()  # the layer's one host sync: split sizes must be Python ints
-        num_rows = self.kept_rows(routing, splits)
+        splits = None  # dropless: T*K rows, known without a host sync; the experts may not need one either
+        if self.capacity_factor is not None:
+            splits = tokens_per_expert_E.tolist()  # the layer's one host sync: the kept rows
+        num_rows = self.kept_rows(routing, splits or [])
         x_NH = dispatch_rows(x_TH, row_map_TK, num_rows, wire=self.dtype, backend=self.backend)
         ctx = DispatchContext(row_map_TK, routing.topk_weight_TK, x_TH.shape[0], expert_splits=splits)
         return x_NH, tokens_per_expert_E, ctx

@@ -43,6 +43,38 @@ def expert_swiglu(
     return torch.cat(outs)
 
 
+def grouped_mm_usable(*tensors: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM (`F.grouped_mm`, torch >= 2.8) takes these operands: CPU (any float
+    dtype) or CUDA bf16, one dtype and no autocast, every row stride and base address a multiple of
+    16 bytes."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    first = tensors[0]
+    if first.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(first.device.type):
+        return False  # under autocast the loop's matmuls cast; grouped_mm needs one dtype already
+    if any(t.dtype != first.dtype for t in tensors):
+        return False
+    if first.device.type == "cuda" and first.dtype != torch.bfloat16:
+        return False
+    return all(
+        t.is_contiguous() and (t.shape[-1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors
+    )
+
+
+def expert_swiglu_grouped(
+    x_sorted_NH: torch.Tensor,
+    w1_EHF: torch.Tensor,
+    w3_EHF: torch.Tensor,
+    w2_EFH: torch.Tensor,
+    offsets_E: torch.Tensor,
+) -> torch.Tensor:
+    """`expert_swiglu` as three grouped GEMMs over every expert at once; `offsets_E` (int32, on the
+    device) is the cumulative row count, so no split size has to reach the host."""
+    gate_NF = F.grouped_mm(x_sorted_NH, w1_EHF, offs=offsets_E)
+    up_NF = F.grouped_mm(x_sorted_NH, w3_EHF, offs=offsets_E)
+    return F.grouped_mm(F.silu(gate_NF) * up_NF, w2_EFH, offs=offsets_E)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as w1_EHF (gate), w3_EHF (up), w2_EFH (down).
 
@@ -59,6 +91,8 @@ class GroupedExperts(nn.Module):
         """train.recompute 'selective': keep the dispatched rows, recompute the [N, F] intermediates."""
         self.fuse_gate_up = False
         """One GEMM per expert against [w1 | w3] (see `expert_swiglu`)."""
+        self.grouped_mm = True
+        """Use torch's grouped GEMM where it takes the operands (`grouped_mm_usable`), else the loop."""
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -68,12 +102,23 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w2_EFH, std=std if out_std is None else out_std)
 
     def forward(self, x_sorted_NH: torch.Tensor, tokens_per_expert: torch.Tensor | list[int]) -> torch.Tensor:
-        """Copies grouped by expert, and each expert's count (host ints preferred: a device tensor costs
-        a host sync here) -> y_sorted_NH."""
+        """Copies grouped by expert and each expert's count -> y_sorted_NH.
+
+        With torch's grouped GEMM (`grouped_mm_usable`) the counts stay on the device; otherwise the
+        per-expert loop needs them on the host (a device tensor costs one host sync here)."""
         num_local = self.w1_EHF.shape[0]
+        count = tokens_per_expert.numel() if isinstance(tokens_per_expert, torch.Tensor) else len(tokens_per_expert)
+        if count != num_local:
+            raise ValueError(f"tokens_per_expert has {count} entries for {num_local} experts")
+        weights = (self.w1_EHF, self.w3_EHF, self.w2_EFH)
+        if self.grouped_mm and not self.fuse_gate_up and grouped_mm_usable(x_sorted_NH, *weights):
+            counts_E = torch.as_tensor(tokens_per_expert, device=x_sorted_NH.device)
+            offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+            grouped = (x_sorted_NH, *weights, offsets_E)
+            return (
+                checkpoint_local(expert_swiglu_grouped, *grouped) if self.recompute else expert_swiglu_grouped(*grouped)
+            )
         if isinstance(tokens_per_expert, torch.Tensor):
             tokens_per_expert = tokens_per_expert.tolist()  # host sync: split sizes must be Python ints
-        if len(tokens_per_expert) != num_local:
-            raise ValueError(f"tokens_per_expert has {len(tokens_per_expert)} entries for {num_local} experts")
-        args = (x_sorted_NH, self.w1_EHF, self.w3_EHF, self.w2_EFH, tokens_per_expert, self.fuse_gate_up)
+        args = (x_sorted_NH, *weights, tokens_per_expert, self.fuse_gate_up)
         return checkpoint_local(expert_swiglu, *args) if self.recompute else expert_swiglu(*args)
