@@ -139,8 +139,9 @@ class LayerBalance(nn.Module, ReplayGuarded):
         counts_E, tokens = self.once(lambda: self._global_counts(local.tokens_per_expert_E))
         return global_lbl_share(counts_E, tokens, routing.prob_sum_E, self.share_tokens, k)
 
-    def _global_counts(self, local_counts_E: torch.Tensor) -> tuple[torch.Tensor, int | float]:
-        """(per-expert counts, tokens) whose ratio / k is this forward's global f."""
+    def _global_counts(self, local_counts_E: torch.Tensor) -> tuple[torch.Tensor, int | float | torch.Tensor]:
+        """(per-expert counts, tokens) whose ratio / k is this forward's global f; on the device (no host
+        sync per forward)."""
         if self.global_counts_E is not None:
             return self.global_counts_E, self.global_tokens
         counts_E = local_counts_E.detach().clone()
@@ -148,9 +149,13 @@ class LayerBalance(nn.Module, ReplayGuarded):
             counts_E = self.count_reducer(counts_E)
         seen = counts_E if self.seen_counts_E is None else self.seen_counts_E + counts_E
         self.seen_counts_E = seen
-        seen_tokens = int(seen.sum()) // self.top_k
-        if self.last_f_E is None or self.global_tokens == 0 or float(self.last_f_E.sum()) == 0.0:
+        seen_tokens = torch.div(seen.sum(), self.top_k, rounding_mode="floor")
+        if self.last_f_E is None or self.global_tokens == 0:
             return seen, seen_tokens
-        rest = max(self.global_tokens - seen_tokens, 0) * self.top_k
-        estimate_E = seen.to(torch.float64) + rest * self.last_f_E.to(torch.float64).to(seen.device)
-        return estimate_E, self.global_tokens
+        rest = (self.global_tokens - seen_tokens).clamp(min=0) * self.top_k
+        last_f_E = self.last_f_E.to(device=seen.device, dtype=torch.float64)
+        estimate_E = seen.to(torch.float64) + rest.to(torch.float64) * last_f_E
+        first_step = last_f_E.sum() == 0  # no previous step (a fresh run): fall back to the running mean
+        counts = torch.where(first_step, seen.to(torch.float64), estimate_E)
+        tokens = torch.where(first_step, seen_tokens.to(torch.float64), float(self.global_tokens))
+        return counts, tokens
