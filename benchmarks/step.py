@@ -15,6 +15,14 @@ fastest repetitions (the least disturbed estimate when other work shares the mac
     .venv/bin/python benchmarks/step.py --shapes 'e32:moe.num_experts=32;wide:model.hidden_size=512'
     .venv/bin/python benchmarks/step.py --device cuda --dtype bf16 --json out.json
 
+    .venv/bin/python benchmarks/step.py --threads 1 --clock cpu --variants 'chunk:train.loss_chunk_tokens=1024;qkv:fuse_qkv=1'
+
+`--variants` adds versions of our model to the same alternation (a dotted override, or a module switch:
+fuse_qkv, fuse_gate_up, grouped_mm = 0/1), each reported against our baseline and the peer in the same
+repetitions: the "change -> ratio" table. `--clock cpu` times this process's CPU time instead of wall
+time: with one thread that is the step's own work, which a machine shared with other jobs inflates far
+less than the wall clock.
+
 Shapes are dotted overrides on top of --config (default configs/tiny_cpu.yaml); the command line's
 overrides apply last, to every shape. Peers: Qwen3-MoE always has per-head qk-norm and no shared
 experts, so our side runs with model.qk_norm=true; shapes with shared experts use Qwen2-MoE (no
@@ -57,6 +65,7 @@ from moe_train.model import (
     set_aux_loss_scale,
 )
 from moe_train.model.moe import shared_ffn_size
+from moe_train.model.transformer import set_loss_chunking, set_recompute
 from moe_train.train.metrics import GPU_PEAK_TFLOPS, measure_cpu_peak_flops
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
@@ -122,6 +131,9 @@ class Row:
     lm_loss_ours: float
     lm_loss_peer: float | None
     note: str = ""
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    """--variants of our model timed in the same alternation: name, tokens/s, median ratio to the peer
+    (with range) and to our baseline (with range), each per repetition."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +146,26 @@ def _parse_shape(spec: str) -> tuple[str, list[str]]:
     if not sep or not name:
         raise SystemExit(f"--shapes entry {spec!r} must look like NAME:key.path=value,key.path=value")
     return name, [item for item in rest.split(",") if item]
+
+
+def parse_variants(spec: str | None) -> list[tuple[str, list[str], dict[str, bool]]]:
+    """'NAME:opt,opt;NAME:...' -> (name, config overrides, module toggles); an opt is a dotted config
+    override or one of MODULE_TOGGLES set to 0/1."""
+    out = []
+    for entry in [] if not spec else [e for e in spec.split(";") if e.strip()]:
+        name, opts = _parse_shape(entry)
+        toggles = {}
+        overrides = []
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key in MODULE_TOGGLES:
+                if value not in ("0", "1"):
+                    raise SystemExit(f"--variants {name}: {key} takes 0 or 1, got {value!r}")
+                toggles[key] = value == "1"
+            else:
+                overrides.append(opt)
+        out.append((name, overrides, toggles))
+    return out
 
 
 def shape_configs(args: argparse.Namespace) -> list[tuple[str, Config]]:
@@ -175,9 +207,23 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **impl)
 
 
-def build_ours(cfg: Config, device: torch.device) -> Contender:
-    """moe_train's model; its aux losses reach the backward with the trainer's scale, 1/micro-batches."""
+MODULE_TOGGLES = ("fuse_qkv", "fuse_gate_up", "grouped_mm")
+"""Implementation switches of our modules a --variants entry may set (Attention.fuse_qkv,
+FeedForward/GroupedExperts.fuse_gate_up, GroupedExperts.grouped_mm), e.g. 'fused:fuse_qkv=1'."""
+
+
+def build_ours(
+    cfg: Config, device: torch.device, toggles: dict[str, bool] | None = None, name: str = "moe_train"
+) -> Contender:
+    """moe_train's model; its aux losses reach the backward with the trainer's scale, 1/micro-batches.
+    train.recompute and train.loss_chunk_tokens apply as in the trainer; `toggles` set module switches."""
     model = build_model(cfg, device)
+    set_recompute(model, cfg.train.recompute)
+    set_loss_chunking(model, cfg.train.loss_chunk_tokens)
+    for key, value in (toggles or {}).items():
+        for module in model.modules():
+            if hasattr(module, key):
+                setattr(module, key, value)
     set_aux_loss_scale(model, cfg.train.micro_batch_size / cfg.train.global_batch_size)
     params = sum(p.numel() for p in model.parameters())
     analytic = count_parameters(cfg.model, cfg.moe).total
@@ -189,7 +235,7 @@ def build_ours(cfg: Config, device: torch.device) -> Contender:
         assert token_loss_BS is not None
         return token_loss_BS.mean()
 
-    return Contender("moe_train", model, make_optimizer(model, cfg, device), loss_fn, loss_fn, params)
+    return Contender(name, model, make_optimizer(model, cfg, device), loss_fn, loss_fn, params)
 
 
 def peer_unsupported(cfg: Config) -> str | None:
@@ -307,15 +353,17 @@ def train_step(c: Contender, micro_batches: list[MicroBatch], cfg: Config, amp: 
     return float(total)
 
 
-def time_steps(c: Contender, steps: list[list[MicroBatch]], cfg: Config, amp: Any) -> float:
-    """Seconds for these optimizer steps, back to back."""
+def time_steps(
+    c: Contender, steps: list[list[MicroBatch]], cfg: Config, amp: Any, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Seconds for these optimizer steps, back to back (wall clock, or `clock`, e.g. process CPU time)."""
     device = steps[0][0][0].device
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     for micro_batches in steps:
         train_step(c, micro_batches, cfg, amp)
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def mock_steps(cfg: Config, count: int, device: torch.device) -> list[list[MicroBatch]]:
@@ -340,9 +388,10 @@ def run_contenders(
     for c in contenders:
         if warm:
             time_steps(c, warm, cfg, amp)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for r in range(args.repeats):
         for c in contenders if r % 2 == 0 else contenders[::-1]:
-            c.seconds.append(time_steps(c, timed, cfg, amp))
+            c.seconds.append(time_steps(c, timed, cfg, amp, clock))
 
 
 @torch.no_grad()
@@ -359,12 +408,16 @@ def bench_shape(name: str, cfg: Config, args: argparse.Namespace, device: torch.
     assert isinstance(ours.model, MoETransformer)
     reason = peer_unsupported(cfg)
     peer = None if reason else build_peer(cfg, ours.model, device, args.peer_experts)
-    contenders = [ours] if peer is None else [ours, peer]
+    variants = [
+        build_ours(apply_overrides(cfg, overrides), device, toggles, name)
+        for name, overrides, toggles in parse_variants(args.variants)
+    ]
+    contenders = [ours, *variants] if peer is None else [ours, *variants, peer]
     tokens_BS, labels_BS = mock_steps(cfg, 1, device)[0][0]
     losses = [initial_lm_loss(c, tokens_BS, labels_BS, amp) for c in contenders]
     run_contenders(contenders, cfg, args, device, amp)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len * args.steps
-    tps = [tokens / statistics.median(c.seconds) for c in contenders]
+    tps = [tokens / statistics.median(c.seconds) for c in (ours, peer) if c is not None]
     fpt = flops_per_token(cfg.model, cfg.moe, cfg.train.seq_len)
     has_peer = peer is not None
     ratios = [p / o for o, p in zip(ours.seconds, peer.seconds, strict=True)] if peer is not None else []
@@ -384,9 +437,32 @@ def bench_shape(name: str, cfg: Config, args: argparse.Namespace, device: torch.
         mfu_ours=0.0,
         mfu_peer=None,
         lm_loss_ours=losses[0],
-        lm_loss_peer=losses[1] if has_peer else None,
+        lm_loss_peer=losses[-1] if has_peer else None,
         note=f"no peer: {reason}" if reason else "",
+        variants=[variant_summary(v, ours, peer, tokens) for v in variants],
     )
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """cfg with dotted overrides applied (validated like any config)."""
+    if not overrides:
+        return cfg
+    from moe_train.config import apply_overrides as apply_to_dict
+    from moe_train.config import from_dict, to_dict
+
+    return from_dict(apply_to_dict(to_dict(cfg), overrides))
+
+
+def variant_summary(v: Contender, ours: Contender, peer: Contender | None, tokens: int) -> dict[str, Any]:
+    """Per-repetition ratios of a variant against the peer and against our baseline (same repetition)."""
+    vs_ours = [o / t for o, t in zip(ours.seconds, v.seconds, strict=True)]
+    out: dict[str, Any] = {"name": v.name, "tokens_per_s": tokens / statistics.median(v.seconds)}
+    out["vs_ours"], out["vs_ours_range"] = statistics.median(vs_ours), (min(vs_ours), max(vs_ours))
+    if peer is not None:
+        vs_peer = [p / t for p, t in zip(peer.seconds, v.seconds, strict=True)]
+        out["vs_peer"], out["vs_peer_range"] = statistics.median(vs_peer), (min(vs_peer), max(vs_peer))
+        out["vs_peer_best"] = min(peer.seconds) / min(v.seconds)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +542,19 @@ def print_table(rows: list[Row]) -> None:
             _fmt(r.ratio_best, ".2f") + ("x" if r.ratio_best is not None else ""),
         ]
         print("| " + " | ".join(cells) + " |")
+    if any(r.variants for r in rows):
+        print("\n| shape | variant | tok/s | vs our baseline (range) | vs peer (range) | best vs peer |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            for v in r.variants:
+                lo, hi = v["vs_ours_range"]
+                vs_peer = "-" if "vs_peer" not in v else f"{v['vs_peer']:.2f}x ({v['vs_peer_range'][0]:.2f}-"
+                vs_peer += "" if "vs_peer" not in v else f"{v['vs_peer_range'][1]:.2f})"
+                best = _fmt(v.get("vs_peer_best"), ".2f")
+                print(
+                    f"| {r.shape} | {v['name']} | {v['tokens_per_s']:,.0f} | {v['vs_ours']:.2f}x ({lo:.2f}-{hi:.2f}) "
+                    f"| {vs_peer} | {best} |"
+                )
     for r in rows:
         extra = "" if r.params_peer is None else f"; params differ by {r.params_peer - r.params_ours:+,}"
         loss = f"initial LM loss ours {r.lm_loss_ours:.6f}, peer {_fmt(r.lm_loss_peer, '.6f')}"
@@ -496,7 +585,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per model (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: this process's CPU time (CPU only; with --threads 1 it is the step's\n"
+        "own work, which other jobs on a shared machine inflate far less than wall time)",
+    )
+    p.add_argument(
         "--peer-experts", default=None, help="HF experts_implementation (default: HF's own, grouped_mm if usable)"
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="extra versions of our model timed in the same alternation, 'NAME:opt,opt;NAME:...'; an opt is\n"
+        f"a dotted override (train.loss_chunk_tokens=1024) or {'/'.join(MODULE_TOGGLES)}=0|1",
     )
     p.add_argument("--json", default=None, help="also write rows and machine info to this file")
     return p.parse_args(argv)
@@ -518,7 +620,10 @@ def main(argv: list[str] | None = None) -> None:
         f"# {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({threads} threads), "
         f"transformers {info['transformers']}, {args.device} {args.dtype}, load average {info['load_average'][0]:.2f}"
     )
-    print(f"# {args.warmup} warmup + {args.repeats} x {args.steps} timed steps per model, alternating, median")
+    print(
+        f"# {args.warmup} warmup + {args.repeats} x {args.steps} timed steps per model, alternating, median;"
+        f" {args.clock} clock"
+    )
     rows = []
     for name, cfg in configs:
         rows.append(bench_shape(name, cfg, args, device))

@@ -341,6 +341,13 @@ class TrainConfig:
     """NaN and loss-spike handling."""
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     """Hang watchdog."""
+    recompute: str = "none"
+    """Activation recompute: 'none'; 'selective' (attention core and every SwiGLU MLP's intermediates
+    recomputed in backward); 'full' (each transformer block keeps only its input and runs again in
+    backward). Router statistics and LBL counts are counted once either way."""
+    loss_chunk_tokens: int = 0
+    """> 0: output projection + cross entropy over chunks of this many tokens, never holding the
+    [B, S, V] logits (recomputed per chunk in backward); 0 = off."""
 
 
 @dataclass
@@ -651,6 +658,8 @@ def _validate_train(cfg: Config) -> None:
     _one_of(cfg, "train.precision", ("fp32", "bf16"))
     _require(t.eval_every >= 0, f"train.eval_every ({t.eval_every}) must be >= 0")
     _positive(cfg, "train.eval_batches", "train.log_every")
+    _one_of(cfg, "train.recompute", ("none", "selective", "full"))
+    _require(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens ({t.loss_chunk_tokens}) must be >= 0 (0 = off)")
     _positive(cfg, "optim.lr", "optim.eps")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio ({o.min_lr_ratio}) must be in [0, 1]")
     _require(o.weight_decay >= 0, f"optim.weight_decay ({o.weight_decay}) must be >= 0")

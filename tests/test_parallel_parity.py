@@ -20,11 +20,26 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
         "pp2_vpp2_interleaved": ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b"],
         "dp2_zero1": ["parallel.zero1=true"],
         "tp2_without_sp_grad_sum": ["parallel.tp=2"],
+        # activation recompute and the chunked (vocab-parallel under tp) head + loss, issue 9
+        "tp2_recompute_selective": ["parallel.tp=2", "train.recompute=selective"],
+        "tp2_recompute_full_chunked_loss": ["parallel.tp=2", "train.recompute=full", "train.loss_chunk_tokens=12"],
+        "tp2_chunked_loss": ["parallel.tp=2", "train.loss_chunk_tokens=12"],
+        "pp2_recompute_selective": ["parallel.pp=2", "train.recompute=selective"],
+        "pp2_vpp2_recompute_full": [
+            "parallel.pp=2",
+            "parallel.vpp=2",
+            "parallel.pp_schedule=interleaved_1f1b",
+            "train.recompute=full",
+        ],
+        "dp2_zero1_recompute_selective": ["parallel.zero1=true", "train.recompute=selective"],
+        "dp2_recompute_full": ["train.recompute=full"],
     },
     4: {
         "ep4": ["parallel.ep=4"],
         "ep4_capacity": ["parallel.ep=4", "moe.capacity_factor=1.0"],
         "tp2_ep2_folded": ["parallel.tp=2", "parallel.ep=2"],
+        "tp2_ep2_folded_recompute_selective": ["parallel.tp=2", "parallel.ep=2", "train.recompute=selective"],
+        "tp2_ep2_folded_recompute_full": ["parallel.tp=2", "parallel.ep=2", "train.recompute=full"],
         "dp2_ep2_tp2_zero1": ["parallel.tp=2", "parallel.ep=2", "parallel.zero1=true"],
     },
     8: {

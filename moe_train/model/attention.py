@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_train.model.norms import RMSNorm
+from moe_train.model.recompute import checkpoint_local
 from moe_train.model.rope import apply_rope
 
 try:  # optional fast path; never required
@@ -65,19 +66,35 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(k_width, norm_eps) if qk_norm else None
         self.core_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = causal_attention
         """(q_BSND, k_BSGD, v_BSGD) -> out_BSND after RoPE; context parallelism swaps in its K/V exchange."""
+        self.recompute = False
+        """train.recompute 'selective': recompute the attention core in backward."""
+        self.fuse_qkv = False
+        """One GEMM against [wq; wk; wv] instead of three (see `_project`)."""
 
     def forward(self, x_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
         """Self-attention over the sequence; returns out_BSH."""
         B, S, _ = x_BSH.shape
-        q_BSX, k_BSX = self.wq(x_BSH), self.wk(x_BSH)  # X: the projection width (N*D or G*D)
+        q_BSX, k_BSX, v_BSX = self._project(x_BSH)  # X: the projection width (N*D or G*D)
         if self.qk_norm_full and self.q_norm is not None and self.k_norm is not None:
             q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
-        q_BSND = q_BSX.view(B, S, -1, self.head_dim)
-        k_BSGD = k_BSX.view(B, S, -1, self.head_dim)
-        v_BSGD = self.wv(x_BSH).view(B, S, -1, self.head_dim)
+        q_BSND = q_BSX.reshape(B, S, -1, self.head_dim)
+        k_BSGD = k_BSX.reshape(B, S, -1, self.head_dim)
+        v_BSGD = v_BSX.reshape(B, S, -1, self.head_dim)
         if not self.qk_norm_full and self.q_norm is not None and self.k_norm is not None:
             q_BSND, k_BSGD = self.q_norm(q_BSND), self.k_norm(k_BSGD)
         q_BSND = apply_rope(q_BSND, cos_SR, sin_SR)
         k_BSGD = apply_rope(k_BSGD, cos_SR, sin_SR)
-        out_BSND = self.core_attention(q_BSND, k_BSGD, v_BSGD)
+        if self.recompute:
+            out_BSND = checkpoint_local(self.core_attention, q_BSND, k_BSGD, v_BSGD)
+        else:
+            out_BSND = self.core_attention(q_BSND, k_BSGD, v_BSGD)
         return self.wo(out_BSND.reshape(B, S, -1))
+
+    def _project(self, x_BSH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections; fuse_qkv: one GEMM against [wq; wk; wv] concatenated per call."""
+        if not self.fuse_qkv:
+            return self.wq(x_BSH), self.wk(x_BSH), self.wv(x_BSH)
+        widths = [self.wq.weight.shape[0], self.wk.weight.shape[0], self.wv.weight.shape[0]]
+        qkv_BSX = F.linear(x_BSH, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
+        q_BSX, k_BSX, v_BSX = qkv_BSX.split(widths, dim=-1)
+        return q_BSX, k_BSX, v_BSX

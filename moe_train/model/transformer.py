@@ -18,15 +18,17 @@ from torch import nn
 
 from moe_train.config import ModelConfig, MoEConfig
 from moe_train.model.attention import Attention
+from moe_train.model.loss import IGNORE_INDEX, chunked_linear_cross_entropy
 from moe_train.model.mlp import FeedForward
 from moe_train.model.moe.experts import GroupedExperts
 from moe_train.model.moe.layer import MoELayer, MoEStats
 from moe_train.model.moe.router import TopKRouter
 from moe_train.model.norms import RMSNorm
+from moe_train.model.recompute import RECOMPUTE_MODES, checkpoint_guarded
 from moe_train.model.rope import RotaryEmbedding
 
-IGNORE_INDEX = -100
-"""Label value whose token loss is 0 (cross-entropy's ignore_index)."""
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(normed h_BSH, output weight, labels_BS, chunk tokens) -> loss_BS, without the full logits."""
 
 
 @dataclass
@@ -65,9 +67,16 @@ class TransformerBlock(nn.Module):
             self.moe = MoELayer(m.hidden_size, moe_cfg, num_moe_layers, layer_id)
         else:
             self.feed_forward = FeedForward(m.hidden_size, m.ffn_hidden_size)
+        self.recompute_full = False
+        """train.recompute 'full': keep only the block's input, run the block again in backward."""
 
     def forward(self, h_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
         """h_BSH -> h_BSH."""
+        if self.recompute_full and torch.is_grad_enabled():
+            return checkpoint_guarded(self._block, self, h_BSH, cos_SR, sin_SR)
+        return self._block(h_BSH, cos_SR, sin_SR)
+
+    def _block(self, h_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
         h_BSH = h_BSH + self.attention(self.attention_norm(h_BSH), cos_SR, sin_SR)
         ffn = self.moe if self.moe is not None else self.feed_forward
         assert ffn is not None
@@ -91,6 +100,10 @@ class MoETransformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.token_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_cross_entropy
         """Per-token loss from (logits_BSV, labels_BS); tensor parallelism swaps in a vocab-parallel one."""
+        self.loss_chunk_tokens = 0
+        """train.loss_chunk_tokens: > 0 computes head + loss over chunks of tokens (moe_train.model.loss)."""
+        self.chunked_loss: HeadLoss = chunked_linear_cross_entropy
+        """The chunked head + loss; tensor parallelism swaps in the vocab-parallel one."""
         init_weights(self, m.init_std)
 
     def embed(self, tokens_BS: torch.Tensor) -> torch.Tensor:
@@ -114,11 +127,16 @@ class MoETransformer(nn.Module):
         self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor | None = None, return_logits: bool = False
     ) -> ModelOutput:
         """Full forward on one device; per-token fp32 cross entropy when labels are given."""
-        logits_BSV = self.head(self.run_layers(self.embed(tokens_BS)))
-        token_loss_BS = None
-        if labels_BS is not None:
-            token_loss_BS = self.token_loss(logits_BSV, labels_BS)
-        lbl, zloss, tokens_per_expert_LE = summarise_moe_stats(self, logits_BSV.device)
+        h_BSH = self.run_layers(self.embed(tokens_BS))
+        token_loss_BS = logits_BSV = None
+        if labels_BS is not None and self.loss_chunk_tokens > 0 and self.output is not None and not return_logits:
+            normed_BSH = self.norm(h_BSH) if self.norm is not None else h_BSH
+            token_loss_BS = self.chunked_loss(normed_BSH, self.output.weight, labels_BS, self.loss_chunk_tokens)
+        else:
+            logits_BSV = self.head(h_BSH)
+            if labels_BS is not None:
+                token_loss_BS = self.token_loss(logits_BSV, labels_BS)
+        lbl, zloss, tokens_per_expert_LE = summarise_moe_stats(self, h_BSH.device)
         return ModelOutput(
             token_loss_BS=token_loss_BS,
             logits_BSV=logits_BSV if (labels_BS is None or return_logits) else None,
@@ -126,6 +144,26 @@ class MoETransformer(nn.Module):
             zloss=zloss,
             tokens_per_expert_LE=tokens_per_expert_LE,
         )
+
+
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """Activation recompute of every block in `model` (train.recompute; see moe_train.model.recompute)."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"train.recompute ({mode!r}) must be one of {', '.join(RECOMPUTE_MODES)}")
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.recompute_full = mode == "full"
+        elif isinstance(module, (Attention, FeedForward, GroupedExperts)):
+            module.recompute = mode == "selective"
+
+
+def set_loss_chunking(model: nn.Module, chunk_tokens: int) -> None:
+    """train.loss_chunk_tokens on every (pipeline chunk of a) model: > 0 never holds [B, S, V] logits."""
+    if chunk_tokens < 0:
+        raise ValueError(f"train.loss_chunk_tokens ({chunk_tokens}) must be >= 0")
+    for module in model.modules():
+        if isinstance(module, MoETransformer):
+            module.loss_chunk_tokens = chunk_tokens
 
 
 def token_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:

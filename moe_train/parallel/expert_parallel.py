@@ -250,6 +250,22 @@ class AllToAllExchange:
         return _all_to_all(grad_NH, self.recv_splits, self.send_splits, self.group)
 
 
+@dataclass
+class CountExchange:
+    """The split sizes of one layer's exchange, on the host (one device-to-host copy)."""
+
+    counts_SL: torch.Tensor
+    """Copies per (source, local expert) that reach this rank; sources ordered (etp rank, ep rank)."""
+    send_splits: list[int]
+    """Rows this rank sends to each EP rank."""
+    recv_splits: list[int]
+    """Rows this rank receives from each EP rank."""
+    etp_rows: list[int]
+    """Rows each ETP rank receives from its EP exchange."""
+    local_splits: list[int]
+    """Rows per local expert after the ETP gather (the experts' split sizes)."""
+
+
 class AllToAllDispatcher(TokenDispatcher):
     """Expert-parallel dispatcher: route -> exchange counts -> permute + wire cast/FP8 + exchange rows ->
     regroup -> experts -> reverse.
@@ -267,7 +283,7 @@ class AllToAllDispatcher(TokenDispatcher):
             base.num_experts, base.capacity_factor, base.drop_policy, dtype=base.dtype, backend=base.backend
         )
         self.ep_group, self.ep_size = groups.ep, groups.ep_size
-        self.etp_group, self.etp_size = groups.etp, groups.etp_size
+        self.etp_group, self.etp_size, self.etp_rank = groups.etp, groups.etp_size, groups.etp_rank
         self.num_local = base.num_experts // groups.ep_size
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AllToAllDispatcher:
@@ -276,24 +292,24 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, AllToAllContext]:
         """-> (copies grouped by local expert, tokens_per_local_expert_L, ctx)."""
-        row_map_TK, counts_E, num_rows = self.route(routing)
-        recv_counts_RL, send_splits, recv_splits = self.exchange_counts(counts_E.view(self.ep_size, -1))
-        exchange = AllToAllExchange(send_splits, recv_splits, self.ep_group)
+        row_map_TK, counts_E = self.route(routing)
+        counts = self.exchange_counts(counts_E.view(self.ep_size, -1))
+        exchange = AllToAllExchange(counts.send_splits, counts.recv_splits, self.ep_group)
+        num_rows = self.kept_rows(routing, counts.send_splits)
         x_recv_NH = dispatch_rows(x_TH, row_map_TK, num_rows, wire=self.dtype, exchange=exchange, backend=self.backend)
-        counts_SL = all_gather_dim(recv_counts_RL, 0, self.etp_group)  # (etp rank, ep rank) sources
-        etp_rows = counts_SL.view(self.etp_size, -1).sum(1).tolist()
-        x_recv_NH = gather_rows(x_recv_NH, etp_rows, self.etp_group)
-        regroup_idx_N = regroup_index(counts_SL)
+        x_recv_NH = gather_rows(x_recv_NH, counts.etp_rows, self.etp_group)
+        regroup_idx_N = regroup_index(counts.counts_SL)
         ctx = AllToAllContext(
             row_map_TK,
             routing.topk_weight_TK,
             x_TH.shape[0],
-            send_splits=send_splits,
-            recv_splits=recv_splits,
-            etp_rows=etp_rows,
+            expert_splits=counts.local_splits,
+            send_splits=counts.send_splits,
+            recv_splits=counts.recv_splits,
+            etp_rows=counts.etp_rows,
             regroup_idx_N=regroup_idx_N,
         )
-        return x_recv_NH[regroup_idx_N], counts_SL.sum(0), ctx
+        return x_recv_NH[regroup_idx_N], counts.counts_SL.sum(0), ctx
 
     def combine(self, y_sorted_NH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         """Expert outputs (local-expert order) -> weighted sum per source token y_TH."""
@@ -304,12 +320,23 @@ class AllToAllDispatcher(TokenDispatcher):
         y_NH = self.communicate_back(y_recv_NH, ctx)
         return unpermute(y_NH, ctx.row_map_TK, ctx.probs_TK, backend=self.backend)
 
-    def exchange_counts(self, send_counts_RL: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
-        """Exchange per-expert counts over EP -> (recv_counts_RL, send_splits, recv_splits)."""
+    def exchange_counts(self, send_counts_RL: torch.Tensor) -> CountExchange:
+        """Exchange per-expert counts over EP (and gather them over ETP), then copy every split size the
+        layer needs to the host at once: its one host sync."""
         recv_counts_RL = all_to_all_counts(send_counts_RL, self.ep_group)
-        send_splits = send_counts_RL.sum(1).tolist()  # host sync: split sizes must be Python ints
-        recv_splits = recv_counts_RL.sum(1).tolist()
-        return recv_counts_RL, send_splits, recv_splits
+        counts_SL = all_gather_dim(recv_counts_RL, 0, self.etp_group)  # (etp rank, ep rank) sources
+        host = torch.cat([send_counts_RL.sum(1), counts_SL.flatten()]).tolist()
+        send_splits, host_SL = host[: self.ep_size], host[self.ep_size :]
+        num_local = counts_SL.shape[1]
+        row_sums = [sum(host_SL[i * num_local : (i + 1) * num_local]) for i in range(counts_SL.shape[0])]
+        etp_rank = self.etp_rank
+        return CountExchange(
+            counts_SL=counts_SL,
+            send_splits=send_splits,
+            recv_splits=row_sums[etp_rank * self.ep_size : (etp_rank + 1) * self.ep_size],
+            etp_rows=[sum(row_sums[r * self.ep_size : (r + 1) * self.ep_size]) for r in range(self.etp_size)],
+            local_splits=[sum(host_SL[e::num_local]) for e in range(num_local)],
+        )
 
     def communicate_back(self, y_NH: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
         """Reverse exchange: expert outputs back to the ranks that sent the copies, in sent order."""

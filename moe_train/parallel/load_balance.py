@@ -149,13 +149,17 @@ class StepBalancer:
         counts_LDE = torch.zeros(shape, dtype=torch.long, device=self.device)
         domain_N = torch.cat([b.domain_B for b in batches]).to(self.device)
         self.count_mismatch = 0
+        checked: dict[int, torch.Tensor] = {}
         for layer_id, layer in self.layers.items():
             seq_counts = layer.balance.seq_counts
             if not seq_counts:
                 continue
             counts_NE = torch.cat(seq_counts).to(self.device)
             counts_LDE[layer_id - self.first_moe].index_add_(0, domain_N, counts_NE)
-            self._check(layer_id, layer, counts_NE.sum(0))
+            counted_E = layer.balance.counted_E
+            if self.exact and counted_E is not None:
+                checked[layer_id] = (counts_NE.sum(0) - counted_E.to(self.device)).abs().sum() // 2
+        self._check(checked)
         self.groups.all_reduce(counts_LDE, "grad_norm")
         for layer_id, layer in self.layers.items():
             global_E = counts_LDE[layer_id - self.first_moe].sum(0)
@@ -164,18 +168,18 @@ class StepBalancer:
                 update_expert_bias(layer.router.expert_bias_E, global_E, self.bias_rate)
         return counts_LDE
 
-    def _check(self, layer_id: int, layer: MoELayer, trained_E: torch.Tensor) -> None:
-        """Exact mode: the training forwards must route as the counting pass did."""
-        counted_E = layer.balance.counted_E
-        if not self.exact or counted_E is None:
+    def _check(self, diffs: dict[int, torch.Tensor]) -> None:
+        """Exact mode: the training forwards must route as the counting pass did (`diffs`: assignments
+        routed differently, per layer; read back in one host copy for all layers)."""
+        if not diffs:
             return
-        diff = int((trained_E - counted_E.to(trained_E.device)).abs().sum()) // 2
-        if diff:
-            self.count_mismatch += diff
-            logger.warning(
-                "global LBL: layer %d routed %d assignments differently in training than in the counting pass"
-                " on rank %d (non-deterministic kernels?); f came from the counting pass",
-                layer_id,
-                diff,
-                self.groups.rank,
-            )
+        for layer_id, diff in zip(diffs, torch.stack(list(diffs.values())).tolist(), strict=True):
+            if diff:
+                self.count_mismatch += diff
+                logger.warning(
+                    "global LBL: layer %d routed %d assignments differently in training than in the counting"
+                    " pass on rank %d (non-deterministic kernels?); f came from the counting pass",
+                    layer_id,
+                    diff,
+                    self.groups.rank,
+                )

@@ -2,10 +2,11 @@
 
 Order (torchtitan style): tensor + sequence parallel → expert (+ expert-tensor) parallel → context
 parallel (sequence chunks, K/V all-gather, dense grads over dp x cp) → the load-balancing count
-reduction over the ``lbl`` group → pipeline stages → data-parallel gradient reduction. Every piece
-slices the model it is given: the trainer gives it the model on the meta device and materialises each
-rank's shards afterwards (moe_train.parallel.materialize), from an initialiser whose values do not
-depend on the layout, so each shard starts from exactly the single-device values.
+reduction over the ``lbl`` group → pipeline stages → activation recompute and the chunked loss →
+data-parallel gradient reduction. Every piece slices the model it is given: the trainer gives it the
+model on the meta device and materialises each rank's shards afterwards
+(moe_train.parallel.materialize), from an initialiser whose values do not depend on the layout, so each
+shard starts from exactly the single-device values.
 Each piece is skipped when its size is 1, so a single process gets the model back unchanged.
 """
 
@@ -91,9 +92,20 @@ def shard_model(model: nn.Module, groups: ProcessGroups, cfg: Config) -> Paralle
             raise TypeError(f"pipeline parallelism needs a MoETransformer, got {type(model).__name__}")
         stage_chunks, schedule = build_pipeline(model, groups, cfg)
         chunks = list(stage_chunks)
+    apply_memory_options(chunks, cfg)
     pm = ParallelModel(chunks=chunks, groups=groups, schedule=schedule)
     pm.metas()
     return pm
+
+
+def apply_memory_options(chunks: list[nn.Module], cfg: Config) -> None:
+    """Activation recompute (train.recompute) and the chunked head + loss (train.loss_chunk_tokens) on
+    every chunk; after the sharding, so the recomputed regions hold the collectives they replay."""
+    from moe_train.model.transformer import set_loss_chunking, set_recompute
+
+    for chunk in chunks:
+        set_recompute(chunk, cfg.train.recompute)
+        set_loss_chunking(chunk, cfg.train.loss_chunk_tokens)
 
 
 def attach_grad_reducer(pm: ParallelModel) -> ParallelModel:

@@ -41,10 +41,12 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from moe_train.model.attention import Attention
+from moe_train.model.loss import chunked_linear_cross_entropy
 from moe_train.model.mlp import FeedForward
 from moe_train.model.moe.experts import GroupedExperts
 from moe_train.model.moe.layer import MoELayer
@@ -300,6 +302,7 @@ def _parallelize_embedding(model: MoETransformer, groups: ProcessGroups) -> None
             _shard_linear(out, name, 0, groups)
         _gather_input_only(out, 1, groups.tp)
         model.token_loss = VocabParallelLoss(vocab_start, groups.tp)
+        model.chunked_loss = VocabParallelChunkedLoss(vocab_start, groups.tp)
 
 
 class VocabParallelLoss:
@@ -316,6 +319,43 @@ class VocabParallelLoss:
         return vocab_parallel_cross_entropy(logits_BSv, labels_BS, self.vocab_start, self.group)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> VocabParallelLoss:
+        return self
+
+
+class _GroupReduce:
+    """`moe_train.model.loss.VocabReduce` over a process group (plain all-reduces, no autograd)."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+class VocabParallelChunkedLoss:
+    """`MoETransformer.chunked_loss` under TP: gather the sequence shards of the normed hidden state
+    (the head's own input hook, done here since the chunked path bypasses the head module), then the
+    chunked head + cross entropy over this rank's vocab rows with the max / sum-exp / target reduced
+    over tp. The gather's backward reduce-scatters the partial grad_h of every vocab shard."""
+
+    def __init__(self, vocab_start: int, group: Group) -> None:
+        self.vocab_start = vocab_start
+        self.group = group
+
+    def __call__(
+        self, h_BsH: torch.Tensor, weight_vH: torch.Tensor, labels_BS: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
+        h_BSH = gather_from_sequence(h_BsH, 1, self.group)
+        return chunked_linear_cross_entropy(
+            h_BSH, weight_vH, labels_BS, chunk_tokens, self.vocab_start, _GroupReduce(self.group)
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> VocabParallelChunkedLoss:
         return self
 
 

@@ -54,27 +54,44 @@ def forward_backward(
         )
     (model,) = pm.chunks
     set_aux_loss_scale(model, scale)
-    lm = lbl = zloss = 0.0
-    domain_sum = torch.zeros(num_domains, dtype=torch.float64)
+    # accumulated on the device: one host copy at the end of the step instead of ~5 per micro-batch
+    sums_3 = torch.zeros(3, dtype=torch.float64, device=device)  # lm, lbl, zloss
+    domain_sum = torch.zeros(num_domains, dtype=torch.float64, device=device)
     domain_count = torch.zeros_like(domain_sum)
-    counts_LE = None
+    counts_LE: torch.Tensor | None = None
     for index, batch in enumerate(batches):
         if pm.reducer is not None:
             pm.reducer.set_sync(index == len(batches) - 1)
         with autocast, phase("forward"):
             out = model(batch.tokens_BS.to(device), batch.labels_BS.to(device))
+        assert out.token_loss_BS is not None
         lm_loss = out.token_loss_BS.mean()
         with phase("backward"):
             pm.backward(lm_loss * scale)
-        lm += lm_loss.item() * scale
-        lbl += float(out.lbl) * scale
-        zloss += float(out.zloss) * scale
-        per_seq = out.token_loss_BS.detach().double().mean(dim=1).cpu()
-        domain_sum.index_add_(0, batch.domain_B, per_seq)
-        domain_count.index_add_(0, batch.domain_B, torch.ones_like(per_seq))
-        counts = out.tokens_per_expert_LE.detach().cpu()
+        sums_3 += torch.stack([lm_loss.detach(), out.lbl, out.zloss]).double() * scale
+        per_seq = out.token_loss_BS.detach().double().mean(dim=1)
+        domain_B = batch.domain_B.to(device)
+        domain_sum.index_add_(0, domain_B, per_seq)
+        domain_count.index_add_(0, domain_B, torch.ones_like(per_seq))
+        counts = out.tokens_per_expert_LE.detach()
         counts_LE = counts if counts_LE is None else counts_LE + counts
-    return StepStats(lm, lbl, zloss, domain_sum, domain_count, counts_LE)
+    return _host_stats(sums_3, domain_sum, domain_count, counts_LE)
+
+
+def _host_stats(
+    sums_3: torch.Tensor, domain_sum: torch.Tensor, domain_count: torch.Tensor, counts_LE: torch.Tensor | None
+) -> StepStats:
+    """StepStats from the device accumulators, in one device-to-host copy."""
+    parts = [sums_3, domain_sum, domain_count]
+    if counts_LE is not None:
+        parts.append(counts_LE.double().flatten())
+    host = torch.cat(parts).cpu()  # the step's one host sync for its statistics
+    num_domains = domain_sum.numel()
+    lm, lbl, zloss = host[:3].tolist()
+    counts = None
+    if counts_LE is not None:
+        counts = host[3 + 2 * num_domains :].round().long().view(counts_LE.shape)
+    return StepStats(lm, lbl, zloss, host[3 : 3 + num_domains], host[3 + num_domains : 3 + 2 * num_domains], counts)
 
 
 def reduce_step_stats(stats: StepStats, groups: ProcessGroups, device: torch.device) -> StepStats:

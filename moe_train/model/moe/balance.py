@@ -37,6 +37,7 @@ from torch import nn
 
 from moe_train.model.moe.losses import global_lbl_share, load_balancing_loss, sequence_load_balancing_loss
 from moe_train.model.moe.router import Routing
+from moe_train.model.recompute import ReplayGuarded
 
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
 """Sums per-expert counts over every rank of the pipeline stage (the ``lbl`` group); installed by the
@@ -57,8 +58,11 @@ def update_expert_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float
     bias_E += (rate * torch.sign(load_E.mean() - load_E)).to(bias_E.dtype)
 
 
-class LayerBalance(nn.Module):
-    """The LBL scope of one MoE layer and its per-step state (see the module docstring)."""
+class LayerBalance(nn.Module, ReplayGuarded):
+    """The LBL scope of one MoE layer and its per-step state (see the module docstring).
+
+    Under activation recompute a forward may run twice; the per-step state changes once
+    (`ReplayGuarded.once`, moe_train.model.recompute)."""
 
     last_f_E: torch.Tensor | None
 
@@ -113,7 +117,7 @@ class LayerBalance(nn.Module):
             return routing
         counts_BE = per_sequence_counts(routing.topk_idx_TK, batch_size, self.num_experts)
         if self.recording:
-            self.seq_counts.append(counts_BE)
+            self.once(lambda: self.seq_counts.append(counts_BE))
         if self.scope != "sequence":
             return routing
         if routing.probs_TE is None:
@@ -132,11 +136,12 @@ class LayerBalance(nn.Module):
         own_batch = not self.recording or (self.global_mode == "exact" and self.global_counts_E is None)
         if self.scope == "micro_batch" or own_batch:
             return load_balancing_loss(routing.tokens_per_expert_E, routing.prob_sum_E, routing.num_tokens, k)
-        counts_E, tokens = self._global_counts(local.tokens_per_expert_E)
+        counts_E, tokens = self.once(lambda: self._global_counts(local.tokens_per_expert_E))
         return global_lbl_share(counts_E, tokens, routing.prob_sum_E, self.share_tokens, k)
 
-    def _global_counts(self, local_counts_E: torch.Tensor) -> tuple[torch.Tensor, int | float]:
-        """(per-expert counts, tokens) whose ratio / k is this forward's global f."""
+    def _global_counts(self, local_counts_E: torch.Tensor) -> tuple[torch.Tensor, int | float | torch.Tensor]:
+        """(per-expert counts, tokens) whose ratio / k is this forward's global f; on the device (no host
+        sync per forward)."""
         if self.global_counts_E is not None:
             return self.global_counts_E, self.global_tokens
         counts_E = local_counts_E.detach().clone()
@@ -144,9 +149,13 @@ class LayerBalance(nn.Module):
             counts_E = self.count_reducer(counts_E)
         seen = counts_E if self.seen_counts_E is None else self.seen_counts_E + counts_E
         self.seen_counts_E = seen
-        seen_tokens = int(seen.sum()) // self.top_k
-        if self.last_f_E is None or self.global_tokens == 0 or float(self.last_f_E.sum()) == 0.0:
+        seen_tokens = torch.div(seen.sum(), self.top_k, rounding_mode="floor")
+        if self.last_f_E is None or self.global_tokens == 0:
             return seen, seen_tokens
-        rest = max(self.global_tokens - seen_tokens, 0) * self.top_k
-        estimate_E = seen.to(torch.float64) + rest * self.last_f_E.to(torch.float64).to(seen.device)
-        return estimate_E, self.global_tokens
+        rest = (self.global_tokens - seen_tokens).clamp(min=0) * self.top_k
+        last_f_E = self.last_f_E.to(device=seen.device, dtype=torch.float64)
+        estimate_E = seen.to(torch.float64) + rest.to(torch.float64) * last_f_E
+        first_step = last_f_E.sum() == 0  # no previous step (a fresh run): fall back to the running mean
+        counts = torch.where(first_step, seen.to(torch.float64), estimate_E)
+        tokens = torch.where(first_step, seen_tokens.to(torch.float64), float(self.global_tokens))
+        return counts, tokens

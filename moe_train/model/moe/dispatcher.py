@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_train.config import ConfigError, MoEConfig
-from moe_train.kernels import WIRE_DTYPES, build_row_map, check_backend, dispatch_rows, num_kept_rows, unpermute
+from moe_train.kernels import WIRE_DTYPES, build_row_map, check_backend, dispatch_rows, unpermute
 from moe_train.model.moe.router import Routing
 
 
@@ -35,6 +35,10 @@ class DispatchContext:
     """Combine weight of each (token, choice) (fp32, with grad); dropped ones get no gradient."""
     num_tokens: int
     """T."""
+    expert_splits: list[int] | None
+    """Host copy of the dispatched rows per (local) expert, made by the dispatcher when it needs the counts
+    on the host anyway (capacity drops, the EP all-to-all's split sizes): the layer's one device-to-host
+    copy, reused by the experts. None when the dispatcher made none (dropless on one device)."""
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -111,8 +115,8 @@ class TokenDispatcher:
             backend=moe_cfg.dispatch.backend,
         )
 
-    def route(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Capacity drops + row map -> (row_map_TK, tokens_per_expert_E after drops, rows N)."""
+    def route(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Capacity drops + row map -> (row_map_TK, tokens_per_expert_E after drops); no host sync."""
         topk_idx_TK = routing.topk_idx_TK
         if self.capacity_factor is not None:
             T, K = topk_idx_TK.shape
@@ -120,14 +124,22 @@ class TokenDispatcher:
             topk_idx_TK = drop_over_capacity(
                 topk_idx_TK, routing.topk_score_TK, self.num_experts, capacity, self.drop_policy
             )
-        row_map_TK, tokens_per_expert_E = build_row_map(topk_idx_TK, self.num_experts, backend=self.backend)
-        return row_map_TK, tokens_per_expert_E, num_kept_rows(topk_idx_TK, tokens_per_expert_E)
+        return build_row_map(topk_idx_TK, self.num_experts, backend=self.backend)
+
+    def kept_rows(self, routing: Routing, counts: list[int]) -> int:
+        """Rows that `route` keeps: T*K when dropless, else the sum of the (host) counts."""
+        return routing.topk_idx_TK.numel() if self.capacity_factor is None else sum(counts)
 
     def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
         """-> (x_sorted_NH, tokens_per_expert_E after drops, ctx)."""
-        row_map_TK, tokens_per_expert_E, num_rows = self.route(routing)
+        row_map_TK, tokens_per_expert_E = self.route(routing)
+        splits = None  # dropless: T*K rows, known without a host sync; the experts may not need one either
+        if self.capacity_factor is not None:
+            splits = tokens_per_expert_E.tolist()  # the layer's one host sync: the kept rows
+        num_rows = self.kept_rows(routing, splits or [])
         x_NH = dispatch_rows(x_TH, row_map_TK, num_rows, wire=self.dtype, backend=self.backend)
-        return x_NH, tokens_per_expert_E, DispatchContext(row_map_TK, routing.topk_weight_TK, x_TH.shape[0])
+        ctx = DispatchContext(row_map_TK, routing.topk_weight_TK, x_TH.shape[0], expert_splits=splits)
+        return x_NH, tokens_per_expert_E, ctx
 
     def combine(self, y_sorted_NH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         """Weighted unpermute back to y_TH (fp32 accumulation, in y's dtype)."""

@@ -18,6 +18,7 @@ from moe_train.model.moe.dispatcher import TokenDispatcher
 from moe_train.model.moe.experts import GroupedExperts
 from moe_train.model.moe.losses import AttachAuxLoss
 from moe_train.model.moe.router import Routing, TopKRouter
+from moe_train.model.recompute import ReplayGuarded
 
 RoutingStatsReducer = Callable[[Routing], Routing]
 """Maps a Routing to one whose aux-loss statistics (tokens_per_expert_E, prob_sum_E, num_tokens,
@@ -43,7 +44,7 @@ def shared_ffn_size(moe_cfg: MoEConfig) -> int:
     return moe_cfg.num_shared_experts * per_expert
 
 
-class MoELayer(nn.Module):
+class MoELayer(nn.Module, ReplayGuarded):
     """Token-choice top-k MoE FFN. Attaches its weighted aux loss to the output's backward.
 
     The attached loss is (lbl.coeff * lbl + zloss_coeff * z) / num_moe_layers, with gradient
@@ -83,7 +84,8 @@ class MoELayer(nn.Module):
         x_TH = x_BSH.reshape(B * S, H)
         routing = self.router(x_TH)
         x_sorted_NH, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TH, routing)
-        y_sorted_NH = self.experts(x_sorted_NH, tokens_per_expert_E)
+        splits = ctx.expert_splits if ctx.expert_splits is not None else tokens_per_expert_E
+        y_sorted_NH = self.experts(x_sorted_NH, splits)
         y_TH = self.dispatcher.combine(y_sorted_NH, ctx)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
@@ -98,7 +100,8 @@ class MoELayer(nn.Module):
         if self.stats_reducer is not None:
             routing = self.stats_reducer(routing)
         lbl = self.balance.loss(local, routing)
-        self.last_stats = MoEStats(lbl.detach(), routing.z_loss.detach(), routing.tokens_per_expert_E)
+        if not self.replaying:  # a recompute replays this forward: keep the first one's statistics
+            self.last_stats = MoEStats(lbl.detach(), routing.z_loss.detach(), routing.tokens_per_expert_E)
         if not torch.is_grad_enabled() or (self.lbl_coeff == 0 and self.zloss_coeff == 0):
             return y_TH
         aux_loss = self.lbl_coeff * lbl + self.zloss_coeff * routing.z_loss

@@ -44,7 +44,11 @@ def sequence_load_balancing_loss(
 
 
 def global_lbl_share(
-    global_counts_E: torch.Tensor, global_tokens: int | float, prob_sum_E: torch.Tensor, share_tokens: float, top_k: int
+    global_counts_E: torch.Tensor,
+    global_tokens: int | float | torch.Tensor,
+    prob_sum_E: torch.Tensor,
+    share_tokens: float,
+    top_k: int,
 ) -> torch.Tensor:
     """One token share's term of the global-batch LBL: N_E * sum_i f_i * prob_sum_i / share_tokens.
 
