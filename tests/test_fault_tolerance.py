@@ -237,6 +237,47 @@ def test_sigterm_saves_exits_0_and_requeue_is_bitwise(
     assert (tmp_path / "ledger.jsonl").read_text() == (clean[0] / "ledger.jsonl").read_text()
 
 
+def test_sigusr1_and_twin_without_signal_handling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "sigusr1,step=1")
+    records = Trainer(tiny_config(tmp_path / "usr1", *RUN, "checkpoint.every=0")).fit()
+    assert [r["step"] for r in records] == [1, 2]
+    assert [p.name for p in list_checkpoints(tmp_path / "usr1")] == ["step_00000002"]
+    # twin: with train.save_on_signal=false the process's own SIGTERM action runs (here: raise), no save
+    monkeypatch.setenv(ENV, "sigterm,step=1")
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(tiny_config(tmp_path / "off", *RUN, "checkpoint.every=0", "train.save_on_signal=false")).fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list_checkpoints(tmp_path / "off") == []
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def test_collective_timeout_reaches_init_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from moe_train.parallel import launch
+
+    seen: dict = {}
+
+    def fake_init(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    cfg = tiny_config(Path("unused"), "parallel.collective_timeout_s=42", "parallel.backend=gloo")
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    with pytest.raises(RuntimeError, match="stop here"):
+        launch.init_distributed(cfg, env)
+    assert seen["timeout"].total_seconds() == 42
+
+
 # -- watchdog ------------------------------------------------------------------------------------
 
 

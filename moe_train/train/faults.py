@@ -6,6 +6,7 @@ step that becomes metrics step `step + 1`), `rank` the global rank (default: eve
     nan_grad,step=3[,rank=R]           a NaN in one gradient after the gradient reduction
     spike,step=3,scale=50              loss and gradients multiplied by `scale` (a loss spike)
     sigterm,step=3[,rank=R]            SIGTERM to this process during the step (preemption)
+    sigusr1,step=3[,rank=R]            SIGUSR1 likewise (Slurm's `--signal=USR1@...`)
     sigkill,step=3,rank=R              SIGKILL during the step, first launch attempt only
                                        ($TORCHELASTIC_RESTART_COUNT unset or 0)
     sleep,step=3,rank=R,seconds=S      sleep S s inside the gradient-reduction phase (a hung collective)
@@ -25,7 +26,7 @@ import torch
 from moe_train.config import ConfigError
 
 ENV = "MOE_TRAIN_FAULTS"
-KINDS = ("nan_grad", "spike", "sigterm", "sigkill", "sleep")
+KINDS = ("nan_grad", "spike", "sigterm", "sigusr1", "sigkill", "sleep")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class FaultInjector:
         """After the forward/backward: signals (the step then finishes as a real one would)."""
         if self._due("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._due("sigusr1", step):
+            os.kill(os.getpid(), signal.SIGUSR1)
         if self._due("sigkill", step) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
             os.kill(os.getpid(), signal.SIGKILL)
 
