@@ -40,10 +40,17 @@ LAYOUTS: dict[int, dict[str, list[str]]] = {
         "cp2_local_kv_only": ["parallel.cp=2"],
         "cp2_global_lbl_exact": ["parallel.cp=2", "moe.lbl.scope=global"],
         "cp2_sequence_lbl": ["parallel.cp=2", "moe.lbl.scope=sequence"],
+        "cp2_selective_chunked_loss": ["parallel.cp=2", "train.recompute=selective", "train.loss_chunk_tokens=96"],
     },
     8: {
         "cp2_tp2_dp2": ["parallel.cp=2", "parallel.tp=2"],
         "cp2_pp2_dp2": ["parallel.cp=2", "parallel.pp=2"],
+        "cp2_tp2_full_chunked_loss": [
+            "parallel.cp=2",
+            "parallel.tp=2",
+            "train.recompute=full",
+            "train.loss_chunk_tokens=64",
+        ],
         "cp4_tp2_ep4_folded": ["parallel.cp=4", "parallel.tp=2", "parallel.ep=4"],
     },
 }

@@ -246,17 +246,32 @@ class ContextParallelLoss:
         self.group = group
 
     def __call__(self, logits_BsV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        local_BS = self.local_labels(labels_BS, logits_BsV.shape[1])
+        return gather_sequence(self.inner(logits_BsV, local_BS), 1, self.group)
+
+    def local_labels(self, labels_BS: torch.Tensor, local_len: int) -> torch.Tensor:
+        """This rank's chunks of the full-sequence labels."""
         cp = group_size(self.group)
-        if labels_BS.shape[1] != logits_BsV.shape[1] * cp:
+        if labels_BS.shape[1] != local_len * cp:
             raise ValueError(
                 f"context parallel loss: labels have {labels_BS.shape[1]} positions, expected the full sequence"
-                f" ({logits_BsV.shape[1]} local x cp {cp})"
+                f" ({local_len} local x cp {cp})"
             )
-        local_BS = shard_sequence(labels_BS, 1, cp, group_rank(self.group))
-        return gather_sequence(self.inner(logits_BsV, local_BS), 1, self.group)
+        return shard_sequence(labels_BS, 1, cp, group_rank(self.group))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ContextParallelLoss:
         return self
+
+
+class ContextParallelHeadLoss(ContextParallelLoss):
+    """`MoETransformer.chunked_loss` (train.loss_chunk_tokens) under cp: the chunked head + loss on this
+    rank's hidden states and label chunks, the per-token losses all-gathered to the full sequence."""
+
+    def __call__(  # type: ignore[override]
+        self, h_BsH: torch.Tensor, weight_VH: torch.Tensor, labels_BS: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
+        local_BS = self.local_labels(labels_BS, h_BsH.shape[1])
+        return gather_sequence(self.inner(h_BsH, weight_VH, local_BS, chunk_tokens), 1, self.group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,5 +332,6 @@ def apply_context_parallel(model: nn.Module, groups: ProcessGroups) -> None:
         _shard_token_ids(model.tok_embeddings, cp, cp_rank)
     _rope_global_positions(model.rope, cp, cp_rank)
     model.token_loss = ContextParallelLoss(model.token_loss, groups.cp)
+    model.chunked_loss = ContextParallelHeadLoss(model.chunked_loss, groups.cp)
     _fold_cp_into_metas(model)
     logger.info("context parallel applied: cp rank %d/%d holds chunks %s", cp_rank, cp, local_chunks(cp, cp_rank))

@@ -31,9 +31,9 @@ from moe_train.parallel.load_balance import StepBalancer
 from moe_train.parallel.materialize import build_parallel_model
 from moe_train.train import checkpoint as ckpt
 from moe_train.train import data_hooks
-from moe_train.train.memory import peak_mem_gb
 from moe_train.train.anomaly import ANOMALY_STATE, AnomalyGuard, screen_step
 from moe_train.train.faults import FaultInjector
+from moe_train.train.memory import peak_mem_gb
 from moe_train.train.metrics import EtaEstimator, MetricsWriter, format_progress
 from moe_train.train.optim import build_optimizer, set_lr
 from moe_train.train.peak import MfuMeter, device_peak
