@@ -246,18 +246,17 @@ class ContextParallelLoss:
         self.group = group
 
     def __call__(self, logits_BsV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        local_BS = self.local_labels(labels_BS, logits_BsV.shape[1])
-        return gather_sequence(self.inner(logits_BsV, local_BS), 1, self.group)
-
-    def local_labels(self, labels_BS: torch.Tensor, local_len: int) -> torch.Tensor:
-        """This rank's chunks of the full-sequence labels."""
         cp = group_size(self.group)
-        if labels_BS.shape[1] != local_len * cp:
+        if labels_BS.shape[1] != logits_BsV.shape[1] * cp:
             raise ValueError(
                 f"context parallel loss: labels have {labels_BS.shape[1]} positions, expected the full sequence"
-                f" ({local_len} local x cp {cp})"
+                f" ({logits_BsV.shape[1]} local x cp {cp})"
             )
-        return shard_sequence(labels_BS, 1, cp, group_rank(self.group))
+        return gather_sequence(self.inner(logits_BsV, self.local_labels(labels_BS)), 1, self.group)
+
+    def local_labels(self, labels_BS: torch.Tensor) -> torch.Tensor:
+        """This rank's chunks of the full-sequence labels."""
+        return shard_sequence(labels_BS, 1, group_size(self.group), group_rank(self.group))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ContextParallelLoss:
         return self
@@ -270,7 +269,8 @@ class ContextParallelHeadLoss(ContextParallelLoss):
     def __call__(  # type: ignore[override]
         self, h_BsH: torch.Tensor, weight_VH: torch.Tensor, labels_BS: torch.Tensor, chunk_tokens: int
     ) -> torch.Tensor:
-        local_BS = self.local_labels(labels_BS, h_BsH.shape[1])
+        # h_BsH may also be split over tp (sequence parallel): the vocab-parallel inner loss gathers it
+        local_BS = self.local_labels(labels_BS)
         return gather_sequence(self.inner(h_BsH, weight_VH, local_BS, chunk_tokens), 1, self.group)
 
 
