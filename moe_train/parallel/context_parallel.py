@@ -144,15 +144,15 @@ class _PrefixCausalAttentionCPU(torch.autograd.Function):
     gradients of the whole softmax (as ring attention does). Memory O(c + L) per head, no c x L mask."""
 
     @staticmethod
-    def forward(ctx: Any, q_BNcD: torch.Tensor, k_BNLD: torch.Tensor, v_BNLD: torch.Tensor, prefix: int) -> Any:
-        out_BNcD, lse_BNc = _FLASH_CPU(q_BNcD, k_BNLD[:, :, prefix:], v_BNLD[:, :, prefix:], 0.0, True)
+    def forward(ctx: Any, q_BNcD: torch.Tensor, k_BGLD: torch.Tensor, v_BGLD: torch.Tensor, prefix: int) -> Any:
+        out_BNcD, lse_BNc = _FLASH_CPU(q_BNcD, k_BGLD[:, :, prefix:], v_BGLD[:, :, prefix:], 0.0, True)
         if prefix > 0:
-            out_p, lse_p = _FLASH_CPU(q_BNcD, k_BNLD[:, :, :prefix], v_BNLD[:, :, :prefix], 0.0, False)
+            out_p, lse_p = _FLASH_CPU(q_BNcD, k_BGLD[:, :, :prefix], v_BGLD[:, :, :prefix], 0.0, False)
             lse = torch.logaddexp(lse_p, lse_BNc)
             out_BNcD = (lse_p - lse).exp().unsqueeze(-1) * out_p + (lse_BNc - lse).exp().unsqueeze(-1) * out_BNcD
             lse_BNc = lse
         out_BNcD = out_BNcD.to(q_BNcD.dtype)
-        ctx.save_for_backward(q_BNcD, k_BNLD, v_BNLD, out_BNcD, lse_BNc)
+        ctx.save_for_backward(q_BNcD, k_BGLD, v_BGLD, out_BNcD, lse_BNc)
         ctx.prefix = prefix
         return out_BNcD
 
@@ -183,9 +183,7 @@ def prefix_causal_attention(q_BcND: torch.Tensor, k_BLGD: torch.Tensor, v_BLGD: 
         mask_1cL = torch.ones(c, L, dtype=torch.bool, device=q_BcND.device).tril(L - c).unsqueeze(0)
         return _masked_attention(q_BcND, k_BLGD, v_BLGD, mask_1cL)
     q_BNcD, k_BGLD, v_BGLD = (t.transpose(1, 2) for t in (q_BcND, k_BLGD, v_BLGD))
-    repeat = q_BNcD.shape[1] // k_BGLD.shape[1]
-    if repeat > 1:  # grouped-query attention: each KV head serves `repeat` query heads
-        k_BGLD, v_BGLD = k_BGLD.repeat_interleave(repeat, dim=1), v_BGLD.repeat_interleave(repeat, dim=1)
+    # the CPU flash kernel takes fewer KV heads (grouped-query attention) forward and backward
     out_BNcD: torch.Tensor = _PrefixCausalAttentionCPU.apply(q_BNcD, k_BGLD, v_BGLD, L - c)
     return out_BNcD.transpose(1, 2)
 
