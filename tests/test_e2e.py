@@ -63,7 +63,9 @@ def test_train_on_built_corpus_validation_loss_falls(data_dir: Path, tmp_path: P
     assert evals[0]["all"] > 5.5  # ~ln(512) at init
     train = [line for line in lines if "loss" in line]
     assert train[0]["lm_loss"] > 5.5
-    assert evals[-1]["all"] < train[0]["lm_loss"] - 1.0
+    # 40 steps lower the loss by ~1.0 (0.96, 1.02, 1.00 for seeds 1234, 1, 2 with the counter-based
+    # initialiser): 0.9 is a bound, 1.0 was the median; a model that does not learn stays near 0
+    assert evals[-1]["all"] < train[0]["lm_loss"] - 0.9
     assert evals[-1]["all"] < evals[0]["all"]
     assert all(evals[-1][d] < train[0]["lm_loss"] - 0.5 for d in DOMAINS)
     assert set(train[-1]["domain_loss"]) <= set(DOMAINS)

@@ -226,12 +226,14 @@ def materialize_module(
     seed: int,
     device: torch.device | str,
     placement: Callable[[str, torch.Tensor], Placement] | None = None,
+    initialise: bool = True,
 ) -> None:
     """Give every meta parameter and buffer of `module` real storage on `device`, initialised in place.
 
     `placement(local name, tensor)` says which box of which canonical tensor the local tensor is
     (default: the whole tensor under its local name, i.e. the single-device model). Tied parameters
     are materialised once. Only one local tensor plus the bounded working block is allocated at a time.
+    With `initialise` False the storage is left uninitialised (a checkpoint is about to fill it).
     """
     place = placement or (lambda name, t: (name, tuple(t.shape), [0] * t.dim()))
     seen: set[int] = set()
@@ -244,7 +246,7 @@ def materialize_module(
             seen.add(id(tensor))
             new = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
             name = f"{prefix}.{key}" if prefix else key
-            if is_param or key not in sub._non_persistent_buffers_set:
+            if initialise and (is_param or key not in sub._non_persistent_buffers_set):
                 canonical = place(name, tensor)
                 if is_param and canonical[0] not in specs:
                     raise RuntimeError(f"init: no spec for parameter {canonical[0]} (local name {name})")

@@ -29,9 +29,15 @@ from moe_train.parallel.param_meta import get_meta, named_buffers_with_meta, sha
 
 
 def materialize_chunks(
-    chunks: list[nn.Module], specs: dict[str, InitSpec], seed: int, groups: ProcessGroups, device: torch.device
+    chunks: list[nn.Module],
+    specs: dict[str, InitSpec],
+    seed: int,
+    groups: ProcessGroups,
+    device: torch.device,
+    initialise: bool = True,
 ) -> None:
-    """Materialise every meta tensor of this rank's chunks as its own box of the canonical tensor."""
+    """Materialise every meta tensor of this rank's chunks as its own box of the canonical tensor
+    (left uninitialised without `initialise`, for a resume that loads every tensor)."""
 
     def placement(local_name: str, tensor: torch.Tensor) -> Placement:
         meta = get_meta(tensor)
@@ -42,15 +48,20 @@ def materialize_chunks(
 
     for chunk in chunks:
         named_buffers_with_meta(chunk)  # persistent buffers get their (default) placement
-        materialize_module(chunk, specs, seed, device, placement)
+        materialize_module(chunk, specs, seed, device, placement, initialise)
 
 
-def build_parallel_model(cfg: Config, groups: ProcessGroups, device: torch.device) -> ParallelModel:
-    """This rank's share of the model, built on the meta device and materialised shard by shard."""
+def build_parallel_model(
+    cfg: Config, groups: ProcessGroups, device: torch.device, initialise: bool = True
+) -> ParallelModel:
+    """This rank's share of the model, built on the meta device and materialised shard by shard.
+
+    `initialise=False` skips the initialiser (a resumed run overwrites every tensor from its checkpoint,
+    and loading fails if one is missing)."""
     model = build_model(cfg, device="meta")
     specs = model_init_specs(model)
     pm = shard_model(model, groups, cfg)
-    materialize_chunks(pm.chunks, specs, cfg.train.seed, groups, device)
+    materialize_chunks(pm.chunks, specs, cfg.train.seed, groups, device, initialise)
     if pm.schedule is not None:
         pm.schedule.warm_up()
     return attach_grad_reducer(pm)

@@ -113,7 +113,7 @@ class Trainer:
             meta_model = build_model(cfg, device="meta")  # materialised per shard after sharding
             self.pmodel, self.optimizer = build_deepspeed(meta_model, self.groups, cfg, self.device)
         else:  # built on the meta device; each rank materialises and initialises only its shards
-            self.pmodel = build_parallel_model(cfg, self.groups, self.device)
+            self.pmodel = build_parallel_model(cfg, self.groups, self.device, initialise=resume_path is None)
             self.optimizer = build_optimizer(self.pmodel, cfg.optim, self.groups, cfg.parallel.zero1)
         self.balancer = StepBalancer(self.pmodel, cfg, len(self.source.domains))
         self.state = ckpt.TrainState(step=0, consumed_samples=0)
