@@ -174,7 +174,9 @@ def test_spike_skipped_and_twin_without_detection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, without_bad_batch: dict[int, float]
 ) -> None:
     monkeypatch.setenv(ENV, f"spike,step={BAD},scale=30")
-    spike = ["train.anomaly.spike_zscore=6", "train.anomaly.window=3", "checkpoint.every=0"]
+    # a 3-step window of a tiny model has a tiny std: the injected spike is ~30,000 std out, ordinary
+    # steps reach ~7, so 1000 separates them with room on both sides
+    spike = ["train.anomaly.spike_zscore=1000", "train.anomaly.window=3", "checkpoint.every=0"]
     records = Trainer(tiny_config(tmp_path / "on", *RUN, *spike)).fit()
     assert [r["skipped"] for r in records] == [int(s == BAD) for s in range(STEPS)]
     assert records[-1]["anomaly_spike"] == 1
@@ -186,7 +188,7 @@ def test_spike_skipped_and_twin_without_detection(
 def test_spike_rollback_skips_back_to_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Spike at step 6 (0-based 5), checkpoint at step 4: steps 5-6 are replayed as skipped."""
     monkeypatch.setenv(ENV, "spike,step=5,scale=30")
-    spike = ["train.anomaly.spike_zscore=6", "train.anomaly.window=3", "train.anomaly.on_spike=rollback"]
+    spike = ["train.anomaly.spike_zscore=1000", "train.anomaly.window=3", "train.anomaly.on_spike=rollback"]
     run_dir = tmp_path / "rollback"
     records = Trainer(tiny_config(run_dir, *RUN, "train.max_steps=8", "checkpoint.every=4", *spike)).fit()
     assert [r["step"] for r in records] == list(range(1, 9))
