@@ -7,7 +7,7 @@ step time after 2 warm-up steps (rank 0's metrics), and per rank the peak reside
 resident memory before the model was built (`ru_maxrss`; it includes allocator slack and autograd
 temporaries the model does not list), the largest over ranks.
 
-    python -m benchmarks.plan_calibration --steps 5 [--layouts single,dp2,ep2,tp2,pp2] [--json out.json]
+    python -m benchmarks.plan_calibration --steps 5 [--layouts single,dp2,ep2,tp2,pp2,cp2,dp2_full] [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
     "dp2_zero1": (2, ["parallel.zero1=true"]),
+    "cp2": (2, ["parallel.cp=2"]),
+    "dp2_selective": (2, ["train.recompute=selective"]),
+    "dp2_full": (2, ["train.recompute=full"]),
 }
 
 

@@ -347,6 +347,22 @@ def test_cli_json_and_config_overlay(tmp_path, capsys):
     written = load_config(out)  # what `moe-train train --config` loads
     validate_layout(written, 8)
     assert written.parallel.pp == first["layout"]["pp"] and written.model == load_config(OLMOE).model
+    assert written.parallel.cp == first["layout"]["cp"] and written.train.recompute == first["layout"]["recompute"]
+
+
+def test_cli_searches_the_trainers_cp_and_recompute_by_default(capsys):
+    """parallel.cp and train.recompute are trainer keys, so the default search spans them; --cp 1 and
+    --recompute none narrow it (the twin: without the defaults only cp 1 / 'none' would appear)."""
+    assert main(["plan", "--config", OLMOE, "--gpus", "16", "--top", "400", "--json"]) == 0
+    layouts = [c["layout"] for c in json.loads(capsys.readouterr().out)["candidates"]]
+    assert {lay["recompute"] for lay in layouts} >= {"none", "selective"}
+    assert {lay["cp"] for lay in layouts} >= {1, 2}
+    assert (
+        main(["plan", "--config", OLMOE, "--gpus", "16", "--top", "400", "--json", "--cp", "1", "--recompute", "none"])
+        == 0
+    )
+    narrow = [c["layout"] for c in json.loads(capsys.readouterr().out)["candidates"]]
+    assert {(lay["cp"], lay["recompute"]) for lay in narrow} == {(1, "none")}
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -46,7 +46,7 @@ def _csv(text: str, cast: type, flag: str) -> tuple:
 
 def _options(cfg: Config, args: argparse.Namespace) -> PlanOptions:
     from moe_train.plan.search import PlanError
-    from moe_train.plan.space import CP_KEY, RECOMPUTE_KEY, RECOMPUTE_MODES, config_has_key, options_from_config
+    from moe_train.plan.space import RECOMPUTE_MODES, options_from_config
 
     over: dict[str, object] = {}
     for flag, value, key in (
@@ -66,16 +66,15 @@ def _options(cfg: Config, args: argparse.Namespace) -> PlanOptions:
         over["expert_load"] = args.expert_load
     modes = _csv(args.recompute, str, "--recompute") if args.recompute else None
     if modes is None:
-        modes = RECOMPUTE_MODES if config_has_key(RECOMPUTE_KEY) else ("none",)
+        modes = RECOMPUTE_MODES
     if any(m not in RECOMPUTE_MODES for m in modes):
         raise PlanError(f"--recompute ({args.recompute}) must list modes of {', '.join(RECOMPUTE_MODES)}")
     over["recompute_modes"] = modes
-    cps = _csv(args.cp, int, "--cp") if args.cp else ((1, 2, 4, 8) if config_has_key(CP_KEY) else (1,))
+    cps = _csv(args.cp, int, "--cp") if args.cp else (1, 2, 4, 8)
     if any(c < 1 for c in cps):
         raise PlanError(f"--cp ({args.cp}) sizes must be >= 1")
     over["cp_sizes"] = cps
-    if config_has_key(CP_KEY):  # what the trainer builds: K/V all-gather (moe_train/parallel/context_parallel.py)
-        over["cp_comm"] = "allgather"
+    over["cp_comm"] = "allgather"  # what the trainer builds: K/V all-gather (moe_train/parallel/context_parallel.py)
     return options_from_config(cfg, **over)
 
 

@@ -114,8 +114,9 @@ def ffn_activation_bytes(w: Workload, moe: bool, mode: str) -> float:
         return 0.0  # counted once per layer in attention_activation_bytes
     gathered = Ts if (w.options.features.sp_save_sharded or tp == 1) else T
     norm_in = Ts * h * a
-    if not moe:
-        return norm_in + gathered * h * a + T * 3 * w.cfg.model.ffn_hidden_size / tp * a
+    if not moe:  # selective recomputes every SwiGLU body (train.recompute), the dense MLP's too
+        mid = 0.0 if mode == "selective" else T * 3 * w.cfg.model.ffn_hidden_size / tp * a
+        return norm_in + gathered * h * a + mid
     moe_cfg = w.cfg.moe
     router = Ts * h * a + Ts * moe_cfg.num_experts * 4 * 2  # gate input, fp32 logits and probabilities
     rows = w.copies  # balanced received rows per rank; x etp after the ETP gather, each ffn / etp wide

@@ -11,7 +11,7 @@ import yaml
 from moe_train.config import Config, to_dict
 from moe_train.plan.cluster import GB, Cluster
 from moe_train.plan.search import Candidate
-from moe_train.plan.space import CP_KEY, RECOMPUTE_KEY, PlanOptions, config_has_key, layout_config
+from moe_train.plan.space import PlanOptions, layout_config
 
 MEMORY_TERMS = ("weights", "grads", "master", "optimizer", "activations", "logits", "dispatch", "recompute")
 TIME_TERMS = ("compute", "recompute", "tp_comm", "ep_comm", "cp_comm", "pp_p2p", "bubble", "dp_comm", "optimizer")
@@ -67,12 +67,9 @@ def layout_overrides(cfg: Config, cand: Candidate, options: PlanOptions) -> list
     out.append(f"parallel.zero1={str(p.zero1).lower()}")
     if p.pp_layer_split is not None:
         out.append("parallel.pp_layer_split=[" + ",".join(map(str, p.pp_layer_split)) + "]")
-    out += [f"train.{k}={getattr(t, k)}" for k in ("micro_batch_size", "seq_len", "global_batch_size")]
-    for key, value, default in ((CP_KEY, cand.layout.cp, 1), (RECOMPUTE_KEY, cand.layout.recompute, "none")):
-        if config_has_key(key):
-            out.append(f"{key}={value}")
-        elif value != default:
-            raise ValueError(f"the plan uses {key}={value}, which this trainer does not have yet")
+    out.append(f"parallel.cp={p.cp}")
+    keys = ("micro_batch_size", "seq_len", "global_batch_size", "recompute", "loss_chunk_tokens")
+    out += [f"train.{k}={getattr(t, k)}" for k in keys]
     return out
 
 

@@ -1,9 +1,10 @@
 """The plan space: one candidate layout (`PlanLayout`), the run options it is judged under (`PlanOptions`),
 and validity from the trainer's own rules.
 
-Dimensions the trainer's Config does not have yet are planner dimensions here, so a plan can use them
-now and the lead can wire them when their issues land: `recompute` and `loss_chunk_tokens` (issue 9), `dispatch_dtype` (issue 7), `gemm_precision` (FP8 GEMMs,
-which the published GB200 runs use). `config_has_key` tells which of them exist in this Config; `cp` (`parallel.cp`) does.
+`cp` (`parallel.cp`), `recompute` (`train.recompute`) and `loss_chunk_tokens` (`train.loss_chunk_tokens`)
+are the trainer's own keys: read from a config and written back by `layout_config`. `dispatch_dtype` and
+`gemm_precision` (FP8 GEMMs, which the published GB200 runs use) are planner dimensions only: the run's
+precision sets them.
 
 Meshes (MoE Parallel Folding, arXiv 2504.14960): attention [pp, dp, cp, tp], experts [pp, edp, ep, etp],
 so dp = world / (pp * cp * tp) and edp = world / (pp * ep * etp).
@@ -21,10 +22,6 @@ from moe_train.parallel.layout import Layout, validate_layout
 RECOMPUTE_MODES = ("none", "selective", "full")
 DISPATCH_DTYPES = ("fp32", "bf16", "fp8")
 GEMM_PRECISIONS = ("fp32", "bf16", "fp8")
-CP_KEY = "parallel.cp"
-"""The trainer's context-parallel key; `moe-train plan` searches cp 1/2/4/8 because it exists."""
-RECOMPUTE_KEY = "train.recompute"
-"""The trainer's activation-recompute key (issue 9). Until it exists, plans search recompute 'none' by default."""
 
 
 @dataclass(frozen=True)
@@ -173,13 +170,14 @@ def options_from_config(cfg: Config, **overrides: typing.Any) -> PlanOptions:
         "activation_bytes": 2.0 if t.precision == "bf16" else 4.0,
         "gemm_precision": "bf16" if t.precision == "bf16" else "fp32",
         "dispatch_dtype": "bf16" if t.precision == "bf16" else "fp32",
+        "loss_chunk_tokens": t.loss_chunk_tokens,
     }
     base.update(overrides)
     return PlanOptions(**base)
 
 
 def layout_from_config(cfg: Config) -> PlanLayout:
-    """The PlanLayout a config already describes (recompute 'none' until that key exists)."""
+    """The PlanLayout a config already describes."""
     p = cfg.parallel
     split = tuple(p.pp_layer_split) if p.pp_layer_split is not None else None
     return PlanLayout(
@@ -192,6 +190,7 @@ def layout_from_config(cfg: Config) -> PlanLayout:
         micro_batch_size=cfg.train.micro_batch_size,
         zero1=p.zero1,
         pp_layer_split=split,
+        recompute=cfg.train.recompute,
     )
 
 
@@ -236,7 +235,8 @@ def tail_split(num_layers: int, stages: int) -> tuple[int, ...] | None:
 
 
 def layout_config(cfg: Config, layout: PlanLayout, options: PlanOptions) -> Config:
-    """`cfg` with the layout's parallel keys, micro-batch size, seq_len and global batch applied."""
+    """`cfg` with the layout's parallel keys, micro-batch size, recompute, seq_len, global batch and loss
+    chunking applied."""
     p = dataclasses.replace(
         cfg.parallel,
         tp=layout.tp,
@@ -254,6 +254,8 @@ def layout_config(cfg: Config, layout: PlanLayout, options: PlanOptions) -> Conf
         micro_batch_size=layout.micro_batch_size,
         seq_len=options.seq_len,
         global_batch_size=options.global_batch_size,
+        recompute=layout.recompute,
+        loss_chunk_tokens=options.loss_chunk_tokens,
     )
     return dataclasses.replace(cfg, parallel=p, train=t)
 
@@ -286,19 +288,3 @@ def validate_plan_layout(cfg: Config, layout: PlanLayout, options: PlanOptions, 
     trial = layout_config(cfg, layout, options)
     check_context_parallel(trial, layout, world_size)
     return validate_layout(trial, world_size)
-
-
-def config_has_key(path: str, cls: type = Config) -> bool:
-    """Whether a dotted key (e.g. 'parallel.cp') exists in this branch's Config dataclasses."""
-    node: typing.Any = cls
-    for part in path.split("."):
-        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
-            return False
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            return False
-        node = hints[part]
-        if typing.get_origin(node) is not None:  # Optional[...] / unions: take the dataclass member if any
-            members = [a for a in typing.get_args(node) if isinstance(a, type) and dataclasses.is_dataclass(a)]
-            node = members[0] if members else node
-    return True
