@@ -112,10 +112,12 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     setup_logging(cfg.log.level)
     groups = init_distributed(cfg)
+    finished = False
     try:
         Trainer(cfg, groups).fit()
+        finished = True
     finally:
-        destroy_distributed()
+        destroy_distributed(wait_for_all=finished)
     return 0
 
 

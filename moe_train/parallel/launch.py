@@ -109,7 +109,10 @@ def _restart_safe_store(launch: LaunchEnv, timeout: timedelta) -> dist.Store | N
     return dist.PrefixStore(f"moe_train/attempt_{attempt}", client)
 
 
-def destroy_distributed() -> None:
-    """Tear down torch.distributed if it was initialized (safe to call twice)."""
+def destroy_distributed(wait_for_all: bool = False) -> None:
+    """Tear down torch.distributed if it was initialized (safe to call twice). `wait_for_all` (a run that
+    ended normally): a barrier first, so no rank tears its groups down while another still uses them."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
