@@ -65,7 +65,7 @@ from moe_train.model import (
     set_aux_loss_scale,
 )
 from moe_train.model.moe import shared_ffn_size
-from moe_train.model.transformer import set_loss_chunking, set_recompute
+from moe_train.model.transformer import set_compile, set_loss_chunking, set_recompute
 from moe_train.train.metrics import GPU_PEAK_TFLOPS, measure_cpu_peak_flops
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
@@ -224,6 +224,7 @@ def build_ours(
         for module in model.modules():
             if hasattr(module, key):
                 setattr(module, key, value)
+    set_compile(model, cfg.train.compile)
     set_aux_loss_scale(model, cfg.train.micro_batch_size / cfg.train.global_batch_size)
     params = sum(p.numel() for p in model.parameters())
     analytic = count_parameters(cfg.model, cfg.moe).total
