@@ -82,3 +82,21 @@ def test_config_rejects_compile_with_recompute_or_tp() -> None:
         load_config(None, ["train.compile=true", "train.recompute=selective"])
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ["train.compile=true", "parallel.tp=2"])
+
+
+def test_compiled_dp2_ep2_pp2_match_the_eager_single_process(tmp_path: Path) -> None:
+    """The compiled regions under the 2-rank layouts the config allows (tp and cp are rejected); the
+    harness's own twin (test_parallel_parity: a wrong reduction is caught) covers the comparison."""
+    from distributed import run_distributed
+    from parity import parity_errors, reference_run, run_layouts
+
+    layouts = {
+        "dp2_compile": ["train.compile=true"],
+        "ep2_compile": ["parallel.ep=2", "train.compile=true"],
+        "pp2_compile": ["parallel.pp=2", "train.compile=true"],
+    }
+    results = dict(run_distributed(run_layouts, 2, layouts, tmp_path / "world2", {}, timeout=600)[0])
+    reference = reference_run([], tmp_path / "reference")
+    assert sorted(results) == sorted(layouts)
+    failures = {name: parity_errors(result, reference)[:5] for name, result in results.items()}
+    assert not any(failures.values()), failures
