@@ -65,7 +65,7 @@ from moe_train.model import (
     set_aux_loss_scale,
 )
 from moe_train.model.moe import shared_ffn_size
-from moe_train.model.transformer import set_loss_chunking, set_recompute
+from moe_train.model.transformer import set_compile, set_loss_chunking, set_recompute
 from moe_train.train.metrics import GPU_PEAK_TFLOPS, measure_cpu_peak_flops
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
@@ -224,6 +224,7 @@ def build_ours(
         for module in model.modules():
             if hasattr(module, key):
                 setattr(module, key, value)
+    set_compile(model, cfg.train.compile)
     set_aux_loss_scale(model, cfg.train.micro_batch_size / cfg.train.global_batch_size)
     params = sum(p.numel() for p in model.parameters())
     analytic = count_parameters(cfg.model, cfg.moe).total
@@ -302,14 +303,19 @@ def _copy_weights(ours: MoETransformer, peer: nn.Module, cfg: Config) -> list[st
     return list(result.missing_keys)
 
 
-def build_peer(cfg: Config, ours: MoETransformer, device: torch.device, experts_impl: str | None) -> Contender:
-    """The HF model of the same shape and weights; its loss is LM + router_aux_loss_coef * LBL."""
+def build_peer(
+    cfg: Config, ours: MoETransformer, device: torch.device, experts_impl: str | None, compile_peer: bool = False
+) -> Contender:
+    """The HF model of the same shape and weights; its loss is LM + router_aux_loss_coef * LBL.
+    compile_peer: torch.compile the whole HF model (dynamo splits it where it must)."""
     config, model_cls = _peer_config(cfg, experts_impl)
     model = model_cls(config).to(device)
     model.train()
     missing = _copy_weights(ours, model, cfg)
     if any("shared_expert_gate" not in k for k in missing):
         raise SystemExit(f"peer parameters not mapped from ours: {missing[:3]}")
+    if compile_peer:
+        model.compile()
 
     def loss_fn(tokens_BS: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens_BS, labels=labels_BS, shift_labels=labels_BS).loss
@@ -319,6 +325,7 @@ def build_peer(cfg: Config, ours: MoETransformer, device: torch.device, experts_
         return out.loss - config.router_aux_loss_coef * out.aux_loss
 
     name = f"{model_cls.__name__.removesuffix('ForCausalLM')}[{model.config._experts_implementation}]"
+    name += "+compile" if compile_peer else ""
     params = sum(p.numel() for p in model.parameters())
     return Contender(name, model, make_optimizer(model, cfg, device), loss_fn, lm_loss_fn, params)
 
@@ -407,7 +414,7 @@ def bench_shape(name: str, cfg: Config, args: argparse.Namespace, device: torch.
     ours = build_ours(cfg, device)
     assert isinstance(ours.model, MoETransformer)
     reason = peer_unsupported(cfg)
-    peer = None if reason else build_peer(cfg, ours.model, device, args.peer_experts)
+    peer = None if reason else build_peer(cfg, ours.model, device, args.peer_experts, args.peer_compile)
     variants = [
         build_ours(apply_overrides(cfg, overrides), device, toggles, name)
         for name, overrides, toggles in parse_variants(args.variants)
@@ -594,6 +601,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--peer-experts", default=None, help="HF experts_implementation (default: HF's own, grouped_mm if usable)"
     )
+    p.add_argument("--peer-compile", action="store_true", help="torch.compile the HF peer (whole model)")
     p.add_argument(
         "--variants",
         default=None,

@@ -348,6 +348,10 @@ class TrainConfig:
     loss_chunk_tokens: int = 0
     """> 0: output projection + cross entropy over chunks of this many tokens, never holding the
     [B, S, V] logits (recomputed per chunk in backward); 0 = off."""
+    compile: bool = False
+    """Regional torch.compile of each block's dense parts (norm + attention + RoPE + residual; the dense
+    SwiGLU MLP; the final norm + head + cross entropy), the MoE dispatch left eager. Needs
+    train.recompute 'none' and tp = cp = 1; the first steps pay the compile time."""
 
 
 @dataclass
@@ -660,6 +664,14 @@ def _validate_train(cfg: Config) -> None:
     _positive(cfg, "train.eval_batches", "train.log_every")
     _one_of(cfg, "train.recompute", ("none", "selective", "full"))
     _require(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens ({t.loss_chunk_tokens}) must be >= 0 (0 = off)")
+    _require(
+        not t.compile or t.recompute == "none",
+        f"train.compile needs train.recompute 'none' (got {t.recompute!r}); set one of them off",
+    )
+    _require(
+        not t.compile or cfg.parallel.tp == cfg.parallel.cp == 1,
+        f"train.compile needs parallel.tp = parallel.cp = 1 (got tp={cfg.parallel.tp}, cp={cfg.parallel.cp})",
+    )
     _positive(cfg, "optim.lr", "optim.eps")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio ({o.min_lr_ratio}) must be in [0, 1]")
     _require(o.weight_decay >= 0, f"optim.weight_decay ({o.weight_decay}) must be >= 0")

@@ -69,6 +69,10 @@ class TransformerBlock(nn.Module):
             self.feed_forward = FeedForward(m.hidden_size, m.ffn_hidden_size)
         self.recompute_full = False
         """train.recompute 'full': keep only the block's input, run the block again in backward."""
+        self.attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = self._attend
+        """h + attention(norm(h)); train.compile swaps in its compiled version."""
+        self.ffn_residual: Callable[[torch.Tensor], torch.Tensor] = self._ffn_residual
+        """h + ffn(norm(h)); train.compile swaps in one with the dense MLP (or the norm) compiled."""
 
     def forward(self, h_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
         """h_BSH -> h_BSH."""
@@ -77,10 +81,24 @@ class TransformerBlock(nn.Module):
         return self._block(h_BSH, cos_SR, sin_SR)
 
     def _block(self, h_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
-        h_BSH = h_BSH + self.attention(self.attention_norm(h_BSH), cos_SR, sin_SR)
+        return self.ffn_residual(self.attend(h_BSH, cos_SR, sin_SR))
+
+    def _attend(self, h_BSH: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+        return h_BSH + self.attention(self.attention_norm(h_BSH), cos_SR, sin_SR)
+
+    def _ffn_residual(self, h_BSH: torch.Tensor) -> torch.Tensor:
         ffn = self.moe if self.moe is not None else self.feed_forward
         assert ffn is not None
         return h_BSH + ffn(self.ffn_norm(h_BSH))
+
+    def compile_dense_parts(self) -> None:
+        """train.compile: torch.compile the attention half and the dense MLP half; an MoE layer (data
+        dependent shapes) stays eager, only its input norm is compiled."""
+        self.attend = torch.compile(self._attend)
+        if self.moe is None:
+            self.ffn_residual = torch.compile(self._ffn_residual)
+        else:
+            self.ffn_norm.compile()
 
 
 class MoETransformer(nn.Module):
@@ -104,6 +122,8 @@ class MoETransformer(nn.Module):
         """train.loss_chunk_tokens: > 0 computes head + loss over chunks of tokens (moe_train.model.loss)."""
         self.chunked_loss: HeadLoss = chunked_linear_cross_entropy
         """The chunked head + loss; tensor parallelism swaps in the vocab-parallel one."""
+        self.head_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._head_loss
+        """(h_BSH, labels_BS) -> loss_BS via the full logits; train.compile swaps in its compiled version."""
         init_weights(self, m.init_std)
 
     def embed(self, tokens_BS: torch.Tensor) -> torch.Tensor:
@@ -132,6 +152,8 @@ class MoETransformer(nn.Module):
         if labels_BS is not None and self.loss_chunk_tokens > 0 and self.output is not None and not return_logits:
             normed_BSH = self.norm(h_BSH) if self.norm is not None else h_BSH
             token_loss_BS = self.chunked_loss(normed_BSH, self.output.weight, labels_BS, self.loss_chunk_tokens)
+        elif labels_BS is not None and not return_logits:
+            token_loss_BS = self.head_loss(h_BSH, labels_BS)
         else:
             logits_BSV = self.head(h_BSH)
             if labels_BS is not None:
@@ -144,6 +166,21 @@ class MoETransformer(nn.Module):
             zloss=zloss,
             tokens_per_expert_LE=tokens_per_expert_LE,
         )
+
+    def _head_loss(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        return self.token_loss(self.head(h_BSH), labels_BS)
+
+
+def set_compile(model: nn.Module, enabled: bool) -> None:
+    """train.compile: regional torch.compile of every block's dense parts and of the final norm + head +
+    cross entropy (after any sharding; the compiled code reads the modules' current parameters)."""
+    if not enabled:
+        return
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.compile_dense_parts()
+        elif isinstance(module, MoETransformer):
+            module.head_loss = torch.compile(module._head_loss)
 
 
 def set_recompute(model: nn.Module, mode: str) -> None:

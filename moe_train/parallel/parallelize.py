@@ -99,13 +99,15 @@ def shard_model(model: nn.Module, groups: ProcessGroups, cfg: Config) -> Paralle
 
 
 def apply_memory_options(chunks: list[nn.Module], cfg: Config) -> None:
-    """Activation recompute (train.recompute) and the chunked head + loss (train.loss_chunk_tokens) on
-    every chunk; after the sharding, so the recomputed regions hold the collectives they replay."""
-    from moe_train.model.transformer import set_loss_chunking, set_recompute
+    """Activation recompute (train.recompute), the chunked head + loss (train.loss_chunk_tokens) and the
+    regional compile (train.compile) on every chunk; after the sharding, so the recomputed regions hold
+    the collectives they replay and the compiled ones see the sharded parameters."""
+    from moe_train.model.transformer import set_compile, set_loss_chunking, set_recompute
 
     for chunk in chunks:
         set_recompute(chunk, cfg.train.recompute)
         set_loss_chunking(chunk, cfg.train.loss_chunk_tokens)
+        set_compile(chunk, cfg.train.compile)
 
 
 def attach_grad_reducer(pm: ParallelModel) -> ParallelModel:
