@@ -128,6 +128,24 @@ def reference_run(overrides: list[str], run_dir: Path) -> dict:
     return {"records": [{k: r[k] for k in RECORD_KEYS} for r in records], "params": params, "val": val}
 
 
+def train_steps(run_dir: Path, overrides: list[str], steps: int) -> dict[str, Any]:
+    """`steps` real trainer steps in this process: per-step (lm loss, lbl, z-loss, grad norm), routing
+    counts of every step, the final parameters and the trainer itself."""
+    from moe_train.train.trainer import Trainer
+
+    cfg = load_config(None, [*BASE, f"train.max_steps={steps}", f"run.dir={run_dir}", *overrides])
+    trainer = Trainer(cfg)
+    records, counts = [], []
+    for _ in range(steps):
+        result = trainer.train_step()
+        trainer.state.step += 1
+        trainer.state.consumed_samples += cfg.train.global_batch_size
+        records.append((result.lm_loss, result.lbl, result.zloss, result.grad_norm))
+        counts.append(result.routing_counts_LDE)
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return {"records": records, "counts": counts, "params": params, "trainer": trainer}
+
+
 def parity_errors(result: dict, reference: dict, rtol: float = 1e-5, atol: float = 1e-6) -> list[str]:
     """Every mismatch between a layout's run and the reference (empty when they agree)."""
     errors = []

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from parity import BASE
+from parity import train_steps
 
 from moe_train.config import ConfigError, load_config
 from moe_train.model.transformer import TransformerBlock
@@ -24,23 +24,12 @@ def _train(tmp_path: Path, overrides: list[str]) -> dict[str, Any]:
     and how many graphs dynamo compiled meanwhile."""
     from torch._dynamo.utils import counters
 
-    from moe_train.train.trainer import Trainer
-
-    cfg = load_config(None, [*BASE, f"train.max_steps={STEPS}", f"run.dir={tmp_path}", *overrides])
     counters.clear()
-    trainer = Trainer(cfg)
-    records, counts = [], []
-    for _ in range(STEPS):
-        result = trainer.train_step()
-        trainer.state.step += 1
-        trainer.state.consumed_samples += cfg.train.global_batch_size
-        records.append((result.lm_loss, result.lbl, result.zloss, result.grad_norm))
-        counts.append(result.routing_counts_LDE)
-    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    blocks = [m for m in trainer.model.modules() if isinstance(m, TransformerBlock)]
+    out = train_steps(tmp_path, overrides, STEPS)
+    blocks = [m for m in out["trainer"].model.modules() if isinstance(m, TransformerBlock)]
     compiled = sum(b.attend != b._attend for b in blocks)
     graphs = int(counters["stats"]["unique_graphs"])
-    return {"records": records, "counts": counts, "params": params, "compiled": compiled, "graphs": graphs}
+    return {**out, "compiled": compiled, "graphs": graphs}
 
 
 @pytest.fixture(scope="module")

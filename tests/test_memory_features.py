@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from parity import BASE
+from parity import BASE, train_steps
 
 from moe_train.config import ConfigError, load_config
 from moe_train.model import build_model
@@ -78,23 +78,6 @@ def test_config_rejects_bad_memory_options() -> None:
 # Activation recompute: same numbers, router statistics counted once
 
 
-def _train(tmp_path: Path, overrides: list[str], steps: int = 2) -> dict[str, Any]:
-    """A few real trainer steps; losses, routing counts of every step and the final parameters."""
-    from moe_train.train.trainer import Trainer
-
-    cfg = load_config(None, [*BASE, f"train.max_steps={steps}", f"run.dir={tmp_path}", *overrides])
-    trainer = Trainer(cfg)
-    records, counts = [], []
-    for _ in range(steps):
-        result = trainer.train_step()
-        trainer.state.step += 1
-        trainer.state.consumed_samples += cfg.train.global_batch_size
-        records.append((result.lm_loss, result.lbl, result.zloss, result.grad_norm))
-        counts.append(result.routing_counts_LDE)
-    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return {"records": records, "counts": counts, "params": params}
-
-
 STREAMING = ["moe.lbl.scope=global", "moe.lbl.global_mode=streaming"]
 """The LBL mode whose per-forward state (running counts) a replayed forward would corrupt."""
 
@@ -103,7 +86,8 @@ STREAMING = ["moe.lbl.scope=global", "moe.lbl.global_mode=streaming"]
 def recompute_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     root = tmp_path_factory.mktemp("recompute")
     return {
-        mode: _train(root / mode, [*STREAMING, f"train.recompute={mode}"]) for mode in ("none", "selective", "full")
+        mode: train_steps(root / mode, [*STREAMING, f"train.recompute={mode}"], 2)
+        for mode in ("none", "selective", "full")
     }
 
 
