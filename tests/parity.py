@@ -146,13 +146,19 @@ def train_steps(run_dir: Path, overrides: list[str], steps: int) -> dict[str, An
     return {"records": records, "counts": counts, "params": params, "trainer": trainer}
 
 
+def record_errors(got: list[dict], want: list[dict], rtol: float = 1e-5, atol: float = 1e-6) -> list[str]:
+    """Every per-step mismatch of RECORD_KEYS (steps named by their "step" key, else counted from 1)."""
+    errors = []
+    for index, (g, w) in enumerate(zip(got, want, strict=True), start=1):
+        for key in RECORD_KEYS:
+            if abs(g[key] - w[key]) > atol + rtol * abs(w[key]):
+                errors.append(f"step {g.get('step', index)} {key}: {g[key]!r} != {w[key]!r}")
+    return errors
+
+
 def parity_errors(result: dict, reference: dict, rtol: float = 1e-5, atol: float = 1e-6) -> list[str]:
     """Every mismatch between a layout's run and the reference (empty when they agree)."""
-    errors = []
-    for step, (got, want) in enumerate(zip(result["records"], reference["records"], strict=True), start=1):
-        for key in RECORD_KEYS:
-            if abs(got[key] - want[key]) > atol + rtol * abs(want[key]):
-                errors.append(f"step {step} {key}: {got[key]!r} != {want[key]!r}")
+    errors = record_errors(result["records"], reference["records"], rtol, atol)
     for domain, want_val in reference["val"].items():
         got_val = result["val"][domain]
         if abs(got_val - want_val) > atol + rtol * abs(want_val):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from parity import RECORD_KEYS, layout_config, parity_errors, reference_run, run_layouts
+from parity import RECORD_KEYS, layout_config, parity_errors, record_errors, reference_run, run_layouts
 
 from moe_train.config import load_config
 from moe_train.model.attention import Attention, causal_attention
@@ -157,15 +157,6 @@ def world8(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     return dict(results[0])
 
 
-def _close(got: list[dict], want: list[dict]) -> list[str]:
-    errors = []
-    for g, w in zip(got, want, strict=True):
-        for key in RECORD_KEYS:
-            if abs(g[key] - w[key]) > 1e-6 + 1e-5 * abs(w[key]):
-                errors.append(f"step {g['step']} {key}: {g[key]} != {w[key]}")
-    return errors
-
-
 # ---------------------------------------------------------------------------------------------
 # Tests
 
@@ -207,7 +198,7 @@ def test_broken_kv_exchange_is_caught(world2: dict[str, Any], single: dict) -> N
 def test_single_process_checkpoint_resumes_under_cp2(world2: dict[str, Any], single: dict) -> None:
     resumed = world2["resumed_cp2"]
     assert [r["step"] for r in resumed] == [4, 5]
-    assert not _close(resumed, single["records"][3:])
+    assert not record_errors(resumed, single["records"][3:])
 
 
 def test_cp2_checkpoint_resumes_in_single_process(world2: dict[str, Any], single: dict, tmp_path: Path) -> None:
@@ -218,7 +209,7 @@ def test_cp2_checkpoint_resumes_in_single_process(world2: dict[str, Any], single
     assert trainer.state == ckpt.TrainState(step=3, consumed_samples=24)
     records = [{k: r[k] for k in RECORD_KEYS} | {"step": r["step"]} for r in trainer.fit()]
     assert [r["step"] for r in records] == [4, 5]
-    assert not _close(records, single["records"][3:])
+    assert not record_errors(records, single["records"][3:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from distributed import run_distributed
-from parity import RECORD_KEYS, layout_config, reference_run
+from parity import RECORD_KEYS, layout_config, record_errors, reference_run
 
 from moe_train.parallel.groups import build_process_groups
 from moe_train.train import checkpoint as ckpt
@@ -26,15 +26,6 @@ def _train(rank: int, world_size: int, overrides: list[str], run_dir: Path) -> l
     cfg = layout_config(overrides, run_dir)
     trainer = Trainer(cfg, build_process_groups(cfg, world_size, rank))
     return [{k: r[k] for k in RECORD_KEYS} | {"step": r["step"]} for r in trainer.fit()]
-
-
-def _close(got: list[dict], want: list[dict]) -> list[str]:
-    errors = []
-    for g, w in zip(got, want, strict=True):
-        for key in RECORD_KEYS:
-            if abs(g[key] - w[key]) > 1e-6 + 1e-5 * abs(w[key]):
-                errors.append(f"step {g['step']} {key}: {g[key]} != {w[key]}")
-    return errors
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +55,14 @@ def test_resume_in_single_process(saved: Path, reference: list[dict], tmp_path: 
     assert trainer.state == ckpt.TrainState(step=3, consumed_samples=24)
     records = [{k: r[k] for k in RECORD_KEYS} | {"step": r["step"]} for r in trainer.fit()]
     assert [r["step"] for r in records] == [4, 5]
-    assert not _close(records, reference[3:])
+    assert not record_errors(records, reference[3:])
 
 
 def test_resume_under_tensor_parallel(saved: Path, reference: list[dict], tmp_path: Path) -> None:
     run_dir = _copy(saved, tmp_path)
     results = run_distributed(_train, 2, ["parallel.tp=2", "checkpoint.resume=latest"], run_dir, timeout=600)
     assert [r["step"] for r in results[0]] == [4, 5]
-    assert not _close(results[0], reference[3:])
+    assert not record_errors(results[0], reference[3:])
 
 
 def test_resume_without_resharded_optimizer_state_differs(saved: Path, reference: list[dict], tmp_path: Path) -> None:
@@ -80,4 +71,4 @@ def test_resume_without_resharded_optimizer_state_differs(saved: Path, reference
     trainer = Trainer(layout_config(["checkpoint.resume=latest"], run_dir))
     trainer.optimizer = build_optimizer(trainer.pmodel, trainer.cfg.optim)
     records = [{k: r[k] for k in RECORD_KEYS} | {"step": r["step"]} for r in trainer.fit()]
-    assert _close(records, reference[3:])
+    assert record_errors(records, reference[3:])
