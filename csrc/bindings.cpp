@@ -19,6 +19,9 @@ std::tuple<torch::Tensor, torch::Tensor> unpermute_backward_cpu(const torch::Ten
                                                                 const torch::Tensor& row_map_TK,
                                                                 const torch::Tensor& probs_TK);
 torch::Tensor dequantize_cpu(const torch::Tensor& rows_RH, const torch::Tensor& scales_RG, torch::ScalarType dtype);
+torch::Tensor swiglu_forward_cpu(const torch::Tensor& gate, const torch::Tensor& up);
+std::tuple<torch::Tensor, torch::Tensor> swiglu_backward_cpu(const torch::Tensor& grad, const torch::Tensor& gate,
+                                                             const torch::Tensor& up);
 
 // Element-wise E4M3 conversion of float32 values (the shared header's float_to_e4m3), for tests.
 torch::Tensor cast_e4m3_cpu(const torch::Tensor& x) {
@@ -48,5 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_map"), py::arg("probs"), "Gradients of the weighted unpermute: (grad_rows, grad_probs)");
   m.def("dequantize", &moe_train::dequantize_cpu, py::arg("rows"), py::arg("scales"), py::arg("dtype"),
         "FP8 E4M3 rows times their block scales, as dtype");
+  m.def("swiglu", &moe_train::swiglu_forward_cpu, py::arg("gate"), py::arg("up"),
+        "silu(gate) * up in one pass (float32)");
+  m.def("swiglu_backward", &moe_train::swiglu_backward_cpu, py::arg("grad"), py::arg("gate"), py::arg("up"),
+        "Gradients of silu(gate) * up: (grad_gate, grad_up), one pass (float32)");
   m.def("cast_e4m3", &moe_train::cast_e4m3_cpu, "Element-wise float32 -> E4M3 bytes (test hook)");
 }

@@ -28,6 +28,8 @@ from moe_train.kernels import (
     permute_rows,
     permute_rows_reference,
     quantize_fp8_reference,
+    silu_mul,
+    silu_mul_reference,
     unpermute,
 )
 from moe_train.kernels import reference as ref
@@ -337,9 +339,10 @@ def _moe_layer_step(backend: str, dtype: str) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("dtype", ["fp32", "fp8"])
 def test_moe_layer_trains_through_the_extension(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
     """backend auto / cpu: the layer's forward and backward call the C++ kernels (build_row_map, the
-    permute or fused FP8 permute, dequantize, unpermute and its backward); 'torch' (the twin) calls none.
-    All three give bitwise-equal outputs; input gradients agree to fp32 rounding (the probs gradient is
-    a dot product summed in another order)."""
+    permute or fused FP8 permute, dequantize, unpermute and its backward, the experts' silu(gate) * up and
+    its backward); 'torch' (the twin) calls none.
+    Outputs and input gradients agree to fp32 rounding (the kernels' exp in silu and the probs gradient's
+    dot product round differently from torch's)."""
     from moe_train.kernels import _ext
 
     results, calls = {}, {}
@@ -349,10 +352,91 @@ def test_moe_layer_trains_through_the_extension(monkeypatch: pytest.MonkeyPatch,
         results[backend] = _moe_layer_step(backend, dtype)
         calls[backend] = set(counter.calls)
     permute_op = {"permute_fp8", "dequantize"} if dtype == "fp8" else {"permute"}
-    want = {"build_row_map", "unpermute", "unpermute_backward"} | permute_op
+    want = {"build_row_map", "unpermute", "unpermute_backward", "swiglu", "swiglu_backward"} | permute_op
     assert calls["auto"] == calls["cpu"] == want, calls
     assert calls["torch"] == set()
     for backend in ("auto", "cpu"):
         (y, grad), (want_y, want_grad) = results[backend], results["torch"]
-        assert torch.equal(y, want_y), backend
+        torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-6 * float(want_y.abs().max()))
         torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6 * float(want_grad.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused silu(gate) * up (csrc/cpu/swiglu.cpp)
+
+
+def _silu_mul_operands(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate, up, grad): gate spans silu's whole range (|g| up to ~40, the exp clamp, exact zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    gate = torch.randn(n, generator=gen) * 8
+    special = torch.tensor([0.0, -0.0, 40.0, -40.0, 88.5, -95.0, 1e-30])
+    gate[: min(n, 7)] = special[: min(n, 7)]
+    return gate, torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 70_001])  # scalar tails, one SIMD width, threaded size
+def test_silu_mul_kernel_matches_reference(n: int) -> None:
+    """Forward and both input gradients equal the reference to a few fp32 ulps, at every size (the SIMD
+    body, its scalar tail, the threaded chunks); NaN propagates like torch's."""
+    C = _C()
+    gate, up, grad = _silu_mul_operands(n, seed=n)
+    g = gate.clone().requires_grad_()
+    u = up.clone().requires_grad_()
+    want = silu_mul_reference(g, u)
+    want.backward(grad)
+    tol = dict(rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(C.swiglu(gate, up), want.detach(), **tol)
+    grad_gate, grad_up = C.swiglu_backward(grad, gate, up)
+    torch.testing.assert_close(grad_gate, g.grad, **tol)
+    torch.testing.assert_close(grad_up, u.grad, **tol)
+    nan_gate = gate.clone()
+    nan_gate[0] = float("nan")
+    assert torch.isnan(C.swiglu(nan_gate, up)[0]) and torch.isnan(C.swiglu_backward(grad, nan_gate, up)[0][0])
+
+
+@needs_ext
+def test_silu_mul_kernel_is_elementwise_deterministic() -> None:
+    """An element's value does not depend on its position, the thread count or the tensor's size: the
+    property that keeps tensor-parallel shards bitwise equal to one process."""
+    C = _C()
+    gate, up, grad = _silu_mul_operands(70_001, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = C.swiglu(gate, up), *C.swiglu_backward(grad, gate, up)
+        torch.set_num_threads(2)
+        two = C.swiglu(gate, up), *C.swiglu_backward(grad, gate, up)
+    finally:
+        torch.set_num_threads(threads)
+    part = slice(12_345, 12_350)  # an unaligned piece: the scalar tail instead of the SIMD body
+    piece = C.swiglu(gate[part], up[part]), *C.swiglu_backward(grad[part], gate[part], up[part])
+    for a, b, c in zip(one, two, piece, strict=True):
+        assert torch.equal(_bits(a), _bits(b)) and torch.equal(_bits(a[part]), _bits(c))
+
+
+@needs_ext
+def test_silu_mul_kernel_rejects_bad_input() -> None:
+    C = _C()
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="up shape"):
+        C.swiglu(x, torch.randn(4, 4))
+    with pytest.raises(RuntimeError, match="gate must be float32"):
+        C.swiglu(x.double(), x.double())
+    with pytest.raises(RuntimeError, match="grad shape"):
+        C.swiglu_backward(torch.randn(3), x, x)
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+def test_silu_mul_gradcheck_and_fallbacks(backend: str) -> None:
+    """silu_mul's autograd (kernel or reference) passes gradcheck on a non-contiguous input; float64 and
+    bf16 operands take the reference (the kernel is float32 only)."""
+    gen = torch.Generator().manual_seed(0)
+    gate = torch.randn(9, 8, generator=gen)[:, ::2].requires_grad_()  # a strided view
+    up = torch.randn(9, 4, generator=gen, requires_grad=True)
+    tol = dict(eps=1e-2, atol=2e-3, rtol=2e-3, nondet_tol=0.0)
+    assert torch.autograd.gradcheck(lambda g, u: silu_mul(g, u, backend=backend), (gate, up), **tol)
+    for dtype in (torch.float64, torch.bfloat16):
+        g, u = gate.detach().to(dtype), up.detach().to(dtype)
+        assert torch.equal(silu_mul(g, u, backend=backend), silu_mul_reference(g, u))

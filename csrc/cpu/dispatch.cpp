@@ -148,6 +148,8 @@ void unpermute_kernel(const T* rows_RH, const int64_t* row_map_TK, const float* 
   }
 }
 
+constexpr int64_t kDotLanes = 8;
+
 template <typename T>
 void unpermute_backward_kernel(const T* grad_TH, const T* rows_RH, const int64_t* row_map_TK, const float* probs_TK,
                                int64_t T_, int64_t K, int64_t H, T* grad_rows_RH, float* grad_probs_TK) {
@@ -163,12 +165,24 @@ void unpermute_backward_kernel(const T* grad_TH, const T* rows_RH, const int64_t
       const float p = probs_TK[t * K + k];
       const T* x = rows_RH + r * H;
       T* dst = grad_rows_RH + r * H;
-      double dot = 0.0;
-      for (int64_t h = 0; h < H; ++h) {
+      // <grad, row> in kDotLanes independent fp64 partial sums: one running sum would chain every
+      // add on the previous one's latency (it made this kernel 5x slower than the forward).
+      double lanes[kDotLanes] = {};
+      int64_t h = 0;
+      for (; h + kDotLanes <= H; h += kDotLanes) {
+        for (int64_t j = 0; j < kDotLanes; ++j) {
+          const float gh = Elem<T>::load(g[h + j]);
+          lanes[j] += static_cast<double>(gh) * static_cast<double>(Elem<T>::load(x[h + j]));
+          dst[h + j] = Elem<T>::store(mul_rn(p, gh));
+        }
+      }
+      for (; h < H; ++h) {
         const float gh = Elem<T>::load(g[h]);
-        dot += static_cast<double>(gh) * static_cast<double>(Elem<T>::load(x[h]));
+        lanes[0] += static_cast<double>(gh) * static_cast<double>(Elem<T>::load(x[h]));
         dst[h] = Elem<T>::store(mul_rn(p, gh));
       }
+      double dot = 0.0;
+      for (int64_t j = 0; j < kDotLanes; ++j) dot += lanes[j];
       grad_probs_TK[t * K + k] = static_cast<float>(dot);
     }
   }

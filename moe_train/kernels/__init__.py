@@ -1,6 +1,7 @@
 """Kernels: Python wrappers over the C++/CUDA extensions (csrc/) with a pure-PyTorch reference for each op."""
 
 from moe_train.kernels._ext import BACKENDS, HAS_CUDA_EXTENSION, HAS_EXTENSION, check_backend
+from moe_train.kernels.activation import silu_mul, silu_mul_reference
 from moe_train.kernels.dispatch import (
     WIRE_DTYPES,
     Permuted,
@@ -33,5 +34,7 @@ __all__ = [
     "permute_rows",
     "permute_rows_reference",
     "quantize_fp8_reference",
+    "silu_mul",
+    "silu_mul_reference",
     "unpermute",
 ]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_train.kernels import silu_mul
 from moe_train.model.recompute import checkpoint_local
 
 
@@ -16,12 +17,13 @@ def swiglu(
     x_sH: torch.Tensor, w1_FH: torch.Tensor, w3_FH: torch.Tensor, w2_HF: torch.Tensor, fuse_gate_up: bool = False
 ) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) with nn.Linear-layout weights (out, in); fuse_gate_up: one GEMM against
-    [w1; w3] (concatenated per call, the parameters keep their shapes) instead of two."""
+    [w1; w3] (concatenated per call, the parameters keep their shapes) instead of two. silu(.) * (.) is
+    the fused kernel where one is built (moe_train.kernels.silu_mul)."""
     if fuse_gate_up:
         g_sG = F.linear(x_sH, torch.cat([w1_FH, w3_FH]))  # G = 2F: gate | up
         gate_sF, up_sF = g_sG.chunk(2, dim=-1)
-        return F.linear(F.silu(gate_sF) * up_sF, w2_HF)
-    return F.linear(F.silu(F.linear(x_sH, w1_FH)) * F.linear(x_sH, w3_FH), w2_HF)
+        return F.linear(silu_mul(gate_sF, up_sF), w2_HF)
+    return F.linear(silu_mul(F.linear(x_sH, w1_FH), F.linear(x_sH, w3_FH)), w2_HF)
 
 
 class FeedForward(nn.Module):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_train.kernels import silu_mul
 from moe_train.model.recompute import checkpoint_local
 
 
@@ -20,11 +21,13 @@ def expert_swiglu(
     w2_EFH: torch.Tensor,
     splits: list[int],
     fuse_gate_up: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """One matmul chain per expert over its contiguous slice of copies -> y_sorted_NH.
 
     fuse_gate_up: one GEMM per expert against [w1 | w3] (concatenated once per call, so the parameters
-    keep their shapes) instead of two."""
+    keep their shapes) instead of two. backend: the kernels' backend for silu(gate) * up
+    (moe_train.kernels.silu_mul)."""
     # unbind once: indexing w[e] per expert would make backward build E full-size zero gradients
     w2s = w2_EFH.unbind(0)
     xs = torch.split(x_sorted_NH, splits)
@@ -33,10 +36,10 @@ def expert_swiglu(
         ffn = w1_EHF.shape[-1]
         for x_MH, w13_HG, w2_FH in zip(xs, torch.cat([w1_EHF, w3_EHF], dim=2).unbind(0), w2s, strict=True):
             g_MG = x_MH @ w13_HG  # G = 2F: gate | up
-            outs.append((F.silu(g_MG[:, :ffn]) * g_MG[:, ffn:]) @ w2_FH)
+            outs.append(silu_mul(g_MG[:, :ffn], g_MG[:, ffn:], backend=backend) @ w2_FH)
     else:
         for x_MH, w1_HF, w3_HF, w2_FH in zip(xs, w1_EHF.unbind(0), w3_EHF.unbind(0), w2s, strict=True):
-            h_MF = F.silu(x_MH @ w1_HF) * (x_MH @ w3_HF)
+            h_MF = silu_mul(x_MH @ w1_HF, x_MH @ w3_HF, backend=backend)
             outs.append(h_MF @ w2_FH)
     if not outs:
         return x_sorted_NH.new_zeros(0, x_sorted_NH.shape[-1])
@@ -68,17 +71,18 @@ def expert_swiglu_grouped(
     w2_EFH: torch.Tensor,
     offsets_E: torch.Tensor,
     fuse_gate_up: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """`expert_swiglu` as grouped GEMMs over every expert at once; `offsets_E` (int32, on the device) is
     the cumulative row count, so no split size has to reach the host. fuse_gate_up: one grouped GEMM
-    against [w1 | w3] (concatenated per call) instead of two."""
+    against [w1 | w3] (concatenated per call) instead of two. backend: as in `expert_swiglu`."""
     if fuse_gate_up:
         g_NG = F.grouped_mm(x_sorted_NH, torch.cat([w1_EHF, w3_EHF], dim=2), offs=offsets_E)  # G = 2F
         gate_NF, up_NF = g_NG.chunk(2, dim=-1)
     else:
         gate_NF = F.grouped_mm(x_sorted_NH, w1_EHF, offs=offsets_E)
         up_NF = F.grouped_mm(x_sorted_NH, w3_EHF, offs=offsets_E)
-    return F.grouped_mm(F.silu(gate_NF) * up_NF, w2_EFH, offs=offsets_E)
+    return F.grouped_mm(silu_mul(gate_NF, up_NF, backend=backend), w2_EFH, offs=offsets_E)
 
 
 class GroupedExperts(nn.Module):
@@ -99,6 +103,8 @@ class GroupedExperts(nn.Module):
         """One GEMM per expert against [w1 | w3] (see `expert_swiglu`)."""
         self.grouped_mm = True
         """Use torch's grouped GEMM where it takes the operands (`grouped_mm_usable`), else the loop."""
+        self.kernel_backend = "auto"
+        """Backend of the fused silu(gate) * up kernel (moe.dispatch.backend; moe_train.kernels.silu_mul)."""
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -120,11 +126,11 @@ class GroupedExperts(nn.Module):
         if self.grouped_mm and grouped_mm_usable(x_sorted_NH, *weights):
             counts_E = torch.as_tensor(tokens_per_expert, device=x_sorted_NH.device)
             offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            grouped = (x_sorted_NH, *weights, offsets_E, self.fuse_gate_up)
+            grouped = (x_sorted_NH, *weights, offsets_E, self.fuse_gate_up, self.kernel_backend)
             return (
                 checkpoint_local(expert_swiglu_grouped, *grouped) if self.recompute else expert_swiglu_grouped(*grouped)
             )
         if isinstance(tokens_per_expert, torch.Tensor):
             tokens_per_expert = tokens_per_expert.tolist()  # host sync: split sizes must be Python ints
-        args = (x_sorted_NH, *weights, tokens_per_expert, self.fuse_gate_up)
+        args = (x_sorted_NH, *weights, tokens_per_expert, self.fuse_gate_up, self.kernel_backend)
         return checkpoint_local(expert_swiglu, *args) if self.recompute else expert_swiglu(*args)

@@ -73,6 +73,7 @@ class MoELayer(nn.Module, ReplayGuarded):
         self.balance = LayerBalance(moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.lbl.scope, moe_cfg.lbl.global_mode)
         self.dispatcher = TokenDispatcher.from_config(moe_cfg)
         self.experts = GroupedExperts(moe_cfg.num_experts, hidden_size, moe_cfg.expert_ffn_hidden_size)
+        self.experts.kernel_backend = moe_cfg.dispatch.backend
         shared = shared_ffn_size(moe_cfg)
         self.shared_experts = FeedForward(hidden_size, shared) if shared > 0 else None
         self.last_stats: MoEStats | None = None
