@@ -195,10 +195,10 @@ def shape_configs(args: argparse.Namespace) -> list[tuple[str, Config]]:
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW, identical for both models: decay on matrices only (as moe_train.train.optim),
-    foreach on CPU, fused on CUDA."""
+    """torch AdamW, identical for both models: decay on matrices only, torch's fused kernel (as
+    moe_train.train.optim with optim.fused, and HF Trainer's default optimizer, adamw_torch_fused)."""
     o = cfg.optim
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    impl = {"fused": True}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},

@@ -266,7 +266,7 @@ class OptimConfig:
     """Length of the schedule: the LR reaches its floor here and stays there (Megatron's lr-decay-iters);
     null means train.max_steps. Set it to keep a run's schedule when resuming with a larger max_steps."""
     fused: bool = True
-    """Use a fused AdamW kernel where one is available (apex FusedAdam or torch fused on CUDA)."""
+    """Use a fused AdamW kernel: apex FusedAdam on CUDA when installed, else torch's fused AdamW (CUDA, CPU)."""
     foreach: bool = True
     """Without a fused kernel, torch AdamW's multi-tensor (foreach) path; false updates one parameter
     at a time, whose temporaries are one parameter's size instead of a copy of all of Adam's v (for

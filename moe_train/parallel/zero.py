@@ -19,6 +19,7 @@ local parameter (TP/EP shards stay sharded; ZeRO chunks are gathered) — the sa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,12 +266,19 @@ def load_optimizer_local_state(optimizer: torch.optim.Optimizer, state: dict[str
     optimizer.load_state_dict({"state": torch_state, "param_groups": _numbered_groups(optimizer, {})})
 
 
+def adamw_kernel(optim: OptimConfig, params: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """torch AdamW's implementation switch: {'fused': True} with optim.fused when every parameter is on a
+    device torch's fused AdamW serves (CPU, CUDA), else {'foreach': optim.foreach}."""
+    if optim.fused and all(p.device.type in ("cpu", "cuda") for p in params):
+        return {"fused": True}
+    return {"foreach": optim.foreach}
+
+
 def build_zero_optimizer(model: ParamsLike, optim: OptimConfig, groups: ProcessGroups) -> ZeroAdamW:
-    """ZeroAdamW with the hyperparameters of moe_train.train.optim.build_optimizer (torch fused on
-    CUDA when optim.fused, else foreach unless optim.foreach is false)."""
+    """ZeroAdamW with the hyperparameters and the kernel choice of moe_train.train.optim.build_optimizer
+    (torch fused with optim.fused, else foreach unless optim.foreach is false)."""
     entries = named_params_with_meta(model)
-    on_cuda = any(p.is_cuda for _, p, _ in entries)
-    kernel = {"fused": True} if optim.fused and on_cuda else {"foreach": optim.foreach}
+    kernel = adamw_kernel(optim, [p for _, p, _ in entries])
     return ZeroAdamW(
         [(name, p) for name, p, _ in entries],
         groups,
