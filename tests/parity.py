@@ -174,3 +174,54 @@ def parity_errors(result: dict, reference: dict, rtol: float = 1e-5, atol: float
         elif not torch.allclose(got, want, rtol=rtol, atol=atol):
             errors.append(f"{name}: max abs diff {(got - want).abs().max().item():.3e}")
     return errors
+
+
+class SyncCounter:
+    """Counts the tensor -> Python conversions (each a device-to-host sync on an accelerator).
+
+    `host_tensors`: a callable's name on a module whose results are host copies already (e.g. the
+    trainer's `read_back`): conversions of tensors sharing their storage are not counted (on this CPU
+    machine every tensor is a host tensor, so the counter must be told which ones the device never held).
+    """
+
+    NAMES = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self, host_tensors: tuple[Any, str] | None = None) -> None:
+        self.calls: dict[str, int] = {}
+        self.originals: dict[str, Any] = {}
+        self.host_storages: set[int] = set()
+        self.host_tensors = host_tensors
+
+    def __enter__(self) -> SyncCounter:
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            self.originals[name] = original
+
+            def counted(t: torch.Tensor, *a: Any, _name: str = name, _orig: Any = original, **k: Any) -> Any:
+                if t.untyped_storage().data_ptr() not in self.host_storages:
+                    self.calls[_name] = self.calls.get(_name, 0) + 1
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+        if self.host_tensors is not None:
+            module, attr = self.host_tensors
+            original_fn = getattr(module, attr)
+            self.originals_fn = (module, attr, original_fn)
+
+            def noted(*a: Any, **k: Any) -> Any:
+                out = original_fn(*a, **k)
+                self.host_storages.update(t.untyped_storage().data_ptr() for t in out)
+                return out
+
+            setattr(module, attr, noted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+        if self.host_tensors is not None:
+            setattr(*self.originals_fn[:2], self.originals_fn[2])
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 from distributed import run_distributed
+from parity import SyncCounter
 
+import moe_train.train.trainer as trainer_module
 from moe_train.cli import main
 from moe_train.config import ConfigError, DataMixtureConfig, load_config
 from moe_train.data import BuildOptions, DataError, build_dataset, input_source
@@ -32,6 +34,7 @@ from moe_train.data.policies import (
 )
 from moe_train.data.sampler import MixtureSampler, batch_counts
 from moe_train.parallel.groups import build_process_groups
+from moe_train.train.checkpoint import TrainState
 from moe_train.train.trainer import Trainer
 
 # ---------------------------------------------------------------------------------------------
@@ -479,3 +482,27 @@ def test_deepspeed_engine_feeds_the_online_policy(corpus: Path, tmp_path: Path) 
     for got, ref in zip(targets, [r["mixture_target"] for r in native], strict=True):
         assert got == pytest.approx(ref, rel=1e-5)
     assert _ledger(tmp_path / "ds") == _ledger(tmp_path / "native")
+
+
+def test_online_policy_step_has_one_host_sync(corpus: Path, tmp_path: Path) -> None:
+    """With ODM the step's per-domain losses reach the policy in the step's one device-to-host copy (the
+    packed statistics), not in a read of their own; the policy gets the step's numbers."""
+    cfg = _cfg(corpus, tmp_path / "r", *ODM, "data.mixture.update_every=1", "data.prefetch=false")
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    trainer.state = TrainState(1, cfg.train.global_batch_size)
+    seen: list[tuple[int, np.ndarray, np.ndarray]] = []
+    observe = trainer.data.observe
+    trainer.data.observe = lambda step, loss_sum, count: (
+        seen.append((step, loss_sum, count))
+        or observe(  # type: ignore[method-assign]
+            step, loss_sum, count
+        )
+    )
+    with SyncCounter(host_tensors=(trainer_module, "read_back")) as counter:
+        result = trainer.train_step()
+    assert counter.calls == {"cpu": 1}, counter.calls
+    ((step, loss_sum, count),) = seen
+    assert step == 1 and count.sum() == cfg.train.global_batch_size
+    mean = {d: loss_sum[i] / count[i] for i, d in enumerate(trainer.data.domains) if count[i] > 0}
+    assert mean == pytest.approx(result.domain_loss, rel=1e-12)  # the same numbers the step logs

@@ -140,17 +140,18 @@ class StepBalancer:
             for layer, counts_E in zip(self.layers.values(), counts_LE, strict=True):
                 layer.balance.set_global_counts(counts_E)
 
-    def end_step(self, batches: list[Batch]) -> torch.Tensor:
-        """Reduce the step's routing counts, check them, update streaming state and expert biases.
+    def step_counts(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's routing counts, reduced over every rank, without a host sync or any state change.
 
-        Returns counts_LDE: assignments per MoE layer of the whole model, domain and expert, summed over
-        every rank (equal on all ranks)."""
+        Returns (counts_LDE, mismatch_L): assignments per MoE layer of the whole model, domain and expert
+        (equal on all ranks), and, per MoE layer this rank holds, the assignments its training forwards
+        routed differently from the exact mode's counting pass (zeros outside exact mode). The trainer
+        reads both back with the step's other values; `report_mismatch` and `end_step` take them then."""
         shape = (self.num_moe, self.num_domains, self.num_experts)
         counts_LDE = torch.zeros(shape, dtype=torch.long, device=self.device)
+        mismatch_L = torch.zeros(len(self.layers), dtype=torch.long, device=self.device)
         domain_N = torch.cat([b.domain_B for b in batches]).to(self.device)
-        self.count_mismatch = 0
-        checked: dict[int, torch.Tensor] = {}
-        for layer_id, layer in self.layers.items():
+        for i, (layer_id, layer) in enumerate(self.layers.items()):
             seq_counts = layer.balance.seq_counts
             if not seq_counts:
                 continue
@@ -158,22 +159,23 @@ class StepBalancer:
             counts_LDE[layer_id - self.first_moe].index_add_(0, domain_N, counts_NE)
             counted_E = layer.balance.counted_E
             if self.exact and counted_E is not None:
-                checked[layer_id] = (counts_NE.sum(0) - counted_E.to(self.device)).abs().sum() // 2
-        self._check(checked)
+                mismatch_L[i] = (counts_NE.sum(0) - counted_E.to(self.device)).abs().sum() // 2
         self.groups.all_reduce(counts_LDE, "grad_norm")
+        return counts_LDE, mismatch_L
+
+    def end_step(self, counts_LDE: torch.Tensor) -> None:
+        """The step trained: update the layers' streaming state and expert biases from `step_counts`."""
         for layer_id, layer in self.layers.items():
             global_E = counts_LDE[layer_id - self.first_moe].sum(0)
             layer.balance.end_step(global_E)
             if self.bias_rate > 0 and layer.router.expert_bias_E is not None:
                 update_expert_bias(layer.router.expert_bias_E, global_E, self.bias_rate)
-        return counts_LDE
 
-    def _check(self, diffs: dict[int, torch.Tensor]) -> None:
-        """Exact mode: the training forwards must route as the counting pass did (`diffs`: assignments
-        routed differently, per layer; read back in one host copy for all layers)."""
-        if not diffs:
-            return
-        for layer_id, diff in zip(diffs, torch.stack(list(diffs.values())).tolist(), strict=True):
+    def report_mismatch(self, mismatch_L: list[int]) -> None:
+        """Exact mode: the training forwards must route as the counting pass did; `mismatch_L` (host
+        copy of `step_counts`' second value) counts the assignments routed differently, per layer."""
+        self.count_mismatch = 0
+        for layer_id, diff in zip(self.layers, mismatch_L, strict=True):
             if diff:
                 self.count_mismatch += diff
                 logger.warning(

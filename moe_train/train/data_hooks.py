@@ -19,7 +19,7 @@ import torch.distributed as dist
 from moe_train.config import Config
 from moe_train.data.errors import DataError
 from moe_train.parallel.groups import ProcessGroups
-from moe_train.train.step import StepStats
+from moe_train.train.step import StepTotals
 
 if TYPE_CHECKING:
     from moe_train.train.trainer import Trainer
@@ -32,29 +32,25 @@ def needs_validation(cfg: Config) -> bool:
     return cfg.data.mixture.policy == "aioli"
 
 
-def gather_domain_losses(
-    stats: StepStats, groups: ProcessGroups, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """(loss sum, sequence count) per domain over all replicas, bitwise equal on every rank."""
-    local = torch.cat([stats.domain_sum, stats.domain_count]).double() * float(groups.contributes_domain_loss)
-    if groups.size("mixture") > 1:
-        local = local.to(device)
-        parts = [torch.empty_like(local) for _ in range(groups.size("mixture"))]
-        dist.all_gather(parts, local, group=groups.mixture)
-        total = torch.zeros_like(parts[0].cpu())
-        for part in parts:  # rank order: the same additions on every rank
-            total += part.cpu()
-        local = total
-    num = stats.domain_sum.numel()
-    values = local.cpu().numpy()
-    return values[:num].copy(), values[num:].copy()
+def gather_domain_losses(totals: StepTotals, groups: ProcessGroups) -> torch.Tensor:
+    """[loss sums | sequence counts] per domain over all replicas, on the device and bitwise equal on every
+    rank (summed in rank order); no host sync."""
+    local = torch.cat([totals.domain_sum, totals.domain_count]).double() * float(groups.contributes_domain_loss)
+    if groups.size("mixture") == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(groups.size("mixture"))]
+    dist.all_gather(parts, local, group=groups.mixture)
+    total = torch.zeros_like(local)
+    for part in parts:  # rank order: the same additions on every rank
+        total += part
+    return total
 
 
-def observe_step(trainer: Trainer, step: int, stats: StepStats) -> None:
-    """Hand the step's per-domain losses to an online policy (a collective: every rank calls it)."""
-    if trainer.data.policy.uses_losses:
-        loss_sum, count = gather_domain_losses(stats, trainer.groups, trainer.device)
-        trainer.data.observe(step, loss_sum, count)
+def observe_step(trainer: Trainer, step: int, domain_losses: torch.Tensor) -> None:
+    """Hand the step's per-domain losses (`gather_domain_losses`, copied to the host) to an online policy."""
+    values = domain_losses.numpy()
+    num = values.size // 2
+    trainer.data.observe(step, values[:num].copy(), values[num:].copy())
 
 
 def maybe_evaluate(trainer: Trainer) -> None:

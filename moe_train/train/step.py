@@ -16,12 +16,13 @@ from moe_train.data import Batch
 from moe_train.model import set_aux_loss_scale
 from moe_train.parallel.groups import ProcessGroups
 from moe_train.parallel.parallelize import ParallelModel
+from moe_train.parallel.pipeline import PipelineStepResult
 from moe_train.utils.phases import phase
 
 
 @dataclass
 class StepStats:
-    """Statistics of one step; after `reduce_step_stats` equal on every rank."""
+    """Statistics of one step on the host (`unpack_step_stats`), equal on every rank."""
 
     lm_loss: float
     """Mean over micro-batches of the mean token loss."""
@@ -37,24 +38,37 @@ class StepStats:
     """Routed assignments per MoE layer and expert, summed over micro-batches."""
 
 
+@dataclass
+class StepTotals:
+    """This rank's statistics of one step, still on the device (what `forward_backward` returns)."""
+
+    sums_3: torch.Tensor
+    """lm loss, LBL, z-loss, each the mean over micro-batches (float64 [3])."""
+    domain_sum: torch.Tensor
+    """Per domain: sum of per-sequence mean losses (float64)."""
+    domain_count: torch.Tensor
+    """Per domain: number of sequences (float64)."""
+    counts_LE: torch.Tensor | None = None
+    """Routed assignments per MoE layer and expert, summed over micro-batches (int64)."""
+
+
 def forward_backward(
     pm: ParallelModel,
     batches: list[Batch],
     device: torch.device,
     autocast: AbstractContextManager,
     num_domains: int,
-) -> StepStats:
-    """Run every micro-batch forward and backward (pipelined when pp > 1); returns this rank's stats."""
+) -> StepTotals:
+    """Run every micro-batch forward and backward (pipelined when pp > 1); returns this rank's statistics
+    on the device (no host sync: the trainer reads them back with the step's other values, `read_back`)."""
     scale = 1.0 / len(batches)
     if pm.schedule is not None:  # sets the aux-loss scale on its chunks itself
         with phase("forward/backward (pipeline)"):
             result = pm.schedule.forward_backward(batches, scale, device, autocast, num_domains)
-        return StepStats(
-            result.lm_loss, result.lbl, result.zloss, result.domain_sum, result.domain_count, result.expert_counts_LE
-        )
+        return _pipeline_totals(result, device)
     (model,) = pm.chunks
     set_aux_loss_scale(model, scale)
-    # accumulated on the device: one host copy at the end of the step instead of ~5 per micro-batch
+    # accumulated on the device: read back once per step (read_back), not ~5 times per micro-batch
     sums_3 = torch.zeros(3, dtype=torch.float64, device=device)  # lm, lbl, zloss
     domain_sum = torch.zeros(num_domains, dtype=torch.float64, device=device)
     domain_count = torch.zeros_like(domain_sum)
@@ -75,45 +89,53 @@ def forward_backward(
         domain_count.index_add_(0, domain_B, torch.ones_like(per_seq))
         counts = out.tokens_per_expert_LE.detach()
         counts_LE = counts if counts_LE is None else counts_LE + counts
-    return _host_stats(sums_3, domain_sum, domain_count, counts_LE)
+    return StepTotals(sums_3, domain_sum, domain_count, counts_LE)
 
 
-def _host_stats(
-    sums_3: torch.Tensor, domain_sum: torch.Tensor, domain_count: torch.Tensor, counts_LE: torch.Tensor | None
-) -> StepStats:
-    """StepStats from the device accumulators, in one device-to-host copy."""
-    parts = [sums_3, domain_sum, domain_count]
-    if counts_LE is not None:
-        parts.append(counts_LE.double().flatten())
-    host = torch.cat(parts).cpu()  # the step's one host sync for its statistics
-    num_domains = domain_sum.numel()
-    lm, lbl, zloss = host[:3].tolist()
-    counts = None
-    if counts_LE is not None:
-        counts = host[3 + 2 * num_domains :].round().long().view(counts_LE.shape)
-    return StepStats(lm, lbl, zloss, host[3 : 3 + num_domains], host[3 + num_domains : 3 + 2 * num_domains], counts)
+def _pipeline_totals(result: PipelineStepResult, device: torch.device) -> StepTotals:
+    """The pipeline schedule's result as StepTotals (device ops only)."""
+
+    def mean_or_zero(x: torch.Tensor) -> torch.Tensor:
+        return x.double().mean() if x.numel() else torch.zeros((), dtype=torch.float64, device=device)
+
+    sums_3 = torch.stack([mean_or_zero(result.lm_loss_M.to(device)), mean_or_zero(result.lbl_LM.to(device))])
+    sums_3 = torch.cat([sums_3, mean_or_zero(result.zloss_LM.to(device)).view(1)])
+    domain_sum, domain_count = result.domain_sum.to(device), result.domain_count.to(device)
+    return StepTotals(sums_3, domain_sum, domain_count, result.tokens_per_expert_LE.to(device))
 
 
-def reduce_step_stats(stats: StepStats, groups: ProcessGroups, device: torch.device) -> StepStats:
-    """Average losses over DP replicas, sum domain and expert counts; every rank gets the same values.
+def reduce_step_totals(totals: StepTotals, groups: ProcessGroups) -> torch.Tensor:
+    """Losses averaged over DP replicas, domain and expert counts summed, packed in one float64 device
+    tensor (equal on every rank; `unpack_step_stats` reads it on the host).
 
     Only one rank per DP replica (last pipeline stage, tp rank 0) contributes, so TP and PP copies of
     the same numbers are not double counted.
     """
+    parts = [totals.sums_3, totals.domain_sum, totals.domain_count]
+    if totals.counts_LE is not None:
+        parts.append(totals.counts_LE.double().flatten())
+    packed = torch.cat(parts)
     if groups.world_size == 1:
-        return stats
-    num_domains = stats.domain_sum.numel()
-    head = torch.tensor([stats.lm_loss, stats.lbl, stats.zloss], dtype=torch.float64)
-    packed = torch.cat([head, stats.domain_sum, stats.domain_count])
-    if stats.expert_counts_LE is not None:
-        packed = torch.cat([packed, stats.expert_counts_LE.double().flatten()])
-    packed = (packed * float(groups.contributes_domain_loss)).to(device)  # NCCL reduces device tensors only
+        return packed
+    packed = packed * float(groups.contributes_domain_loss)
     groups.all_reduce(packed, "grad_norm")
-    packed = packed.cpu()
-    lm, lbl, zloss = (packed[:3] / groups.dp_size).tolist()
-    domain_sum = packed[3 : 3 + num_domains]
-    domain_count = packed[3 + num_domains : 3 + 2 * num_domains]
+    packed[:3] /= groups.dp_size
+    return packed
+
+
+def unpack_step_stats(host: torch.Tensor, totals: StepTotals) -> StepStats:
+    """StepStats from `reduce_step_totals`'s packing, copied to the host (`totals` gives the shapes)."""
+    num_domains = totals.domain_sum.numel()
+    lm, lbl, zloss = host[:3].tolist()
     counts = None
-    if stats.expert_counts_LE is not None:
-        counts = packed[3 + 2 * num_domains :].view_as(stats.expert_counts_LE).round().long()
-    return StepStats(lm, lbl, zloss, domain_sum, domain_count, counts)
+    if totals.counts_LE is not None:
+        counts = host[3 + 2 * num_domains :].round().long().view(totals.counts_LE.shape)
+    return StepStats(lm, lbl, zloss, host[3 : 3 + num_domains], host[3 + num_domains : 3 + 2 * num_domains], counts)
+
+
+def read_back(device_values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy several device tensors to the host in one transfer (the step's one host sync); returns each
+    as a float64 CPU tensor of its own shape (integers up to 2**53 exactly)."""
+    flat = [t.detach().double().flatten() for t in device_values]
+    host = torch.cat(flat).cpu()
+    return [part.view(t.shape) for part, t in zip(host.split([f.numel() for f in flat]), device_values, strict=True)]

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,7 +41,14 @@ from moe_train.train.preemption import PreemptionHandler
 from moe_train.train.progress import ProgressBar
 from moe_train.train.rollback import roll_back
 from moe_train.train.schedule import lr_at, schedule_change_warning
-from moe_train.train.step import StepStats, forward_backward, reduce_step_stats
+from moe_train.train.step import (
+    StepStats,
+    StepTotals,
+    forward_backward,
+    read_back,
+    reduce_step_totals,
+    unpack_step_stats,
+)
 from moe_train.train.watchdog import Watchdog
 from moe_train.utils.logging import get_logger
 from moe_train.utils.phases import phase
@@ -70,6 +77,19 @@ class StepResult:
     """The step was an anomaly (moe_train.train.anomaly) and trained nothing."""
     rolled_back: bool = False
     """The step spiked and the run went back to its last checkpoint (moe_train.train.rollback)."""
+
+
+class StepReadBack(NamedTuple):
+    """What `Trainer._read_back` brought to the host in the step's one device-to-host copy."""
+
+    stats: StepStats
+    grad_norm: float
+    routing_LDE: torch.Tensor
+    """Routed assignments per MoE layer, domain and expert (host, int64)."""
+    routing_device_LDE: torch.Tensor
+    """The same counts left on the device (for the balancer's end of step)."""
+    domain_losses: torch.Tensor | None
+    """[loss sums | sequence counts] per domain for an online mixture policy (host), else None."""
 
 
 def _device() -> torch.device:
@@ -204,18 +224,19 @@ class Trainer:
             self.balancer.begin_step(batches, self.device, self._autocast())  # global LBL: the counting pass
         if self.deepspeed:  # the engine updates on the last micro-batch's backward: lr first
             set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
-        stats = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
+        totals = forward_backward(self.pmodel, batches, self.device, self._autocast(), len(self.source.domains))
         self.faults.during_step(step)
         if self.deepspeed:
-            grad_norm = self.optimizer.grad_norm()
+            grad_norm_t = torch.tensor(self.optimizer.grad_norm(), dtype=torch.float64)  # the engine's float
         else:
             with phase("grad reduce"):
                 self.faults.in_grad_reduce(step)
                 if self.pmodel.reducer is not None:
                     self.pmodel.reducer.finish()
-                stats.lm_loss *= self.faults.corrupt(step, list(self.pmodel.parameters()))
-                grad_norm = self._clip()
-        result = self._result(reduce_step_stats(stats, self.groups, self.device), grad_norm)
+                totals.sums_3[0] *= self.faults.corrupt(step, list(self.pmodel.parameters()))
+                grad_norm_t = self._clip()
+        back = self._read_back(batches, totals, grad_norm_t)
+        result = self._result(back.stats, back.grad_norm)
         action = screen_step(self, step, result)  # identical on every rank
         if action is not None and not self.deepspeed:
             self.optimizer.zero_grad(set_to_none=True)
@@ -227,21 +248,42 @@ class Trainer:
                 set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        routing_LDE = self.balancer.end_step(batches)  # routing counts; expert-bias update
-        result.routing_counts_LDE = routing_LDE.cpu()
-        data_hooks.observe_step(self, step, stats)
+        self.balancer.end_step(back.routing_device_LDE)  # streaming LBL state; expert-bias update
+        result.routing_counts_LDE = back.routing_LDE
+        if back.domain_losses is not None:
+            data_hooks.observe_step(self, step, back.domain_losses)
         return result
 
-    def _clip(self) -> float:
-        """Global grad-norm clipping; each parameter counted once across every parallel group."""
+    def _read_back(self, batches: list[Batch], totals: StepTotals, grad_norm_t: torch.Tensor) -> StepReadBack:
+        """Reduce the step's statistics over ranks on the device and copy everything the host needs (losses,
+        domain and expert counts, grad norm, routing counts, the mixture policy's domain losses) in the
+        step's one device-to-host copy."""
+        packed = reduce_step_totals(totals, self.groups)
+        routing_LDE, mismatch_L = self.balancer.step_counts(batches)
+        device_values = [packed, grad_norm_t.to(self.device).reshape(1), routing_LDE, mismatch_L]
+        if self.data.policy.uses_losses:
+            device_values.append(data_hooks.gather_domain_losses(totals, self.groups))
+        host = read_back(device_values)
+        self.balancer.report_mismatch([round(x) for x in host[3].tolist()])
+        return StepReadBack(
+            stats=unpack_step_stats(host[0], totals),
+            grad_norm=host[1].tolist()[0],
+            routing_LDE=host[2].round().long(),
+            routing_device_LDE=routing_LDE,
+            domain_losses=host[4] if len(host) > 4 else None,
+        )
+
+    def _clip(self) -> torch.Tensor:
+        """Global grad-norm clipping; each parameter counted once across every parallel group. Returns the
+        norm on the device (read back with the step's statistics)."""
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        return float(clip_grad_norm_(self.pmodel.parameters(), max_norm, self.groups))
+        return clip_grad_norm_(self.pmodel.parameters(), max_norm, self.groups)
 
     def _result(self, stats: StepStats, grad_norm: float) -> StepResult:
         moe = self.cfg.moe
         loss = stats.lm_loss + moe.lbl.coeff * stats.lbl + moe.zloss_coeff * stats.zloss
-        dsum, dcount = stats.domain_sum, stats.domain_count
-        domain_loss = {name: float(dsum[i] / dcount[i]) for i, name in enumerate(self.source.domains) if dcount[i] > 0}
+        dsum, dcount = stats.domain_sum.tolist(), stats.domain_count.tolist()
+        domain_loss = {name: dsum[i] / dcount[i] for i, name in enumerate(self.source.domains) if dcount[i] > 0}
         return StepResult(loss, stats.lm_loss, stats.lbl, stats.zloss, grad_norm, domain_loss, stats.expert_counts_LE)
 
     # -- validation ---------------------------------------------------------------------------
