@@ -207,3 +207,26 @@ def test_export_refusals_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 2 and "already exists" in err and not list((tmp_path / "taken").iterdir())
     code, err = _run_cli(["export", "--to", "hf", str(tmp_path / "nothing"), str(tmp_path / "x")], capsys)
     assert code == 2 and "does not exist" in err
+
+
+def test_load_model_fills_every_tensor_from_the_checkpoint_without_initialising(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_model builds the model without running the initialiser (the checkpoint fills every tensor;
+    the init draws cost seconds on real sizes) and its tensors equal the saved ones. Twin: build_model
+    does initialise."""
+    import moe_train.model.init as init
+    from moe_train.parallel.dist_checkpoint import load_canonical_tensors
+    from moe_train.train.checkpoint import list_checkpoints
+
+    cfg = _checkpoint(tmp_path, ARCHS["qwen3_moe"])
+    saved = load_canonical_tensors(list_checkpoints(cfg.run.dir)[-1])
+    fills: list[str] = []
+    fill_box = init.fill_box
+    monkeypatch.setattr(init, "fill_box", lambda t, spec, *a: fills.append(spec.kind) or fill_box(t, spec, *a))
+    model = moe_train.load_model(cfg.run.dir)
+    assert fills == []
+    state = model.state_dict()
+    assert set(state) == set(saved) and all(torch.equal(state[name], saved[name]) for name in saved)
+    build_model(cfg)
+    assert fills  # the twin: a fresh model draws its initial values

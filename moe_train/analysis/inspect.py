@@ -56,7 +56,7 @@ def inspect_routing(target: str | Path, overrides: list[str], out: str | Path | 
     cfg = checkpoint_config(checkpoint, overrides)
     validate_data(cfg)
     batches = build_val_batches(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, initialise=False)  # the checkpoint fills every tensor (or loading fails)
     load_distributed_checkpoint(checkpoint, model, None, ProcessGroups.single())
     counts_LDE, layer_ids = domain_expert_counts(model, batches)
     out_dir = Path(out) if out is not None else checkpoint.parent.parent / "inspect" / checkpoint.name

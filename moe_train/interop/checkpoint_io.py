@@ -68,6 +68,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> MoETrans
     """The model of a checkpoint or run directory, in eval mode: `model(tokens_BS).logits_BSV`."""
     checkpoint = resolve_checkpoint(path)
     cfg = checkpoint_config(checkpoint)
-    model = build_model(cfg)
+    model = build_model(cfg, initialise=False)  # load_weights fills every tensor (or refuses)
     load_weights(model, load_canonical_tensors(checkpoint), checkpoint)
     return model.to(device).eval()

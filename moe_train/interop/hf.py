@@ -183,7 +183,7 @@ def import_hf(
     hf = read_hf_tensors(src)
     arch = hf_cfg["model_type"]
     tensors = upcycle_tensors(hf, cfg, seed) if upcycle is not None else from_hf_tensors(hf, cfg, arch)
-    model = build_model(cfg)
+    model = build_model(cfg, initialise=False)  # load_weights fills every tensor (or refuses)
     load_weights(model, tensors, src)
     out = Path(out_checkpoint)
     tmp = _fresh_output(out)
