@@ -19,6 +19,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from moe_train.train.peak import PEAK_CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +78,24 @@ def test_recipes_are_found() -> None:
     )
 
 
+def _check_install_stamp() -> None:
+    """The copy shares this checkout's .venv; if its install stamp is stale (the extension rebuilt by hand),
+    the copy's launch/setup.sh would reinstall the package from the copy and leave the shared venv
+    pointing at a temporary directory. Refuse instead, saying how to refresh it."""
+    want = subprocess.run(
+        ["bash", "-c", "cat setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    stamp = ROOT / ".venv" / ".moe_train-installed"
+    if not stamp.is_file() or stamp.read_text().strip() != want:
+        pytest.fail(f"{stamp} is stale for this checkout's setup.py/csrc: run `bash launch/setup.sh` first")
+
+
 def _copy_repo(dest: Path) -> Path:
+    _check_install_stamp()
     repo = dest / "repo"
     shutil.copytree(ROOT, repo, ignore=NOT_COPIED)
     (repo / ".venv").symlink_to(ROOT / ".venv")
@@ -114,3 +133,27 @@ def test_readme_recipes_run_in_order(tmp_path: Path) -> None:
         "code",
         "tests",
     }
+
+
+def test_stale_install_stamp_is_refused_before_copying(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard of `_copy_repo`: a checkout whose .venv stamp does not match setup.py + csrc is refused
+    with the fix named; a matching one passes."""
+    import sys
+
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "k.cpp").write_text("int k;\n")
+    (tmp_path / "setup.py").write_text("# setup\n")
+    (tmp_path / ".venv").mkdir()
+    stamp = tmp_path / ".venv" / ".moe_train-installed"
+    stamp.write_text("stale\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    with pytest.raises(pytest.fail.Exception, match="run `bash launch/setup.sh` first"):
+        _check_install_stamp()
+    digest = subprocess.run(
+        ["bash", "-c", "cat setup.py csrc/k.cpp | sha256sum | cut -d' ' -f1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    stamp.write_text(digest.stdout)
+    _check_install_stamp()
