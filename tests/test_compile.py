@@ -66,11 +66,24 @@ def test_twin_the_comparison_sees_a_small_change(runs: dict[str, dict[str, Any]]
         _assert_same(runs["eager_lr"], runs["eager"])
 
 
-def test_config_rejects_compile_with_recompute_or_tp() -> None:
-    with pytest.raises(ConfigError, match="train.compile"):
-        load_config(None, ["train.compile=true", "train.recompute=selective"])
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_compiled_training_with_recompute_matches_eager(tmp_path: Path, mode: str) -> None:
+    """Recompute around and inside the compiled regions (selective: the attention core and SwiGLU bodies
+    inside the compiled halves; full: whole blocks, compiled halves included, replayed in backward) trains
+    to the eager run's numbers with the same recompute; the regions really compiled."""
+    torch._dynamo.reset()
+    eager = _train(tmp_path / "eager", [f"train.recompute={mode}"])
+    compiled = _train(tmp_path / "compiled", [f"train.recompute={mode}", "train.compile=true"])
+    _assert_same(compiled, eager)
+    assert compiled["compiled"] == 4 and compiled["graphs"] > 0 and eager["graphs"] == 0
+
+
+def test_config_rejects_compile_with_tp_or_cp() -> None:
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ["train.compile=true", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(None, ["train.compile=true", "parallel.cp=2"])
+    load_config(None, ["train.compile=true", "train.recompute=full"])  # recompute is allowed
 
 
 def test_compiled_dp2_ep2_pp2_match_the_eager_single_process(tmp_path: Path) -> None:
