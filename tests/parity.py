@@ -88,10 +88,16 @@ def canonical_parameters(pm: ParallelModel, groups: ProcessGroups) -> dict[str, 
 
 
 def train_layout(rank: int, world_size: int, overrides: list[str], run_dir: Path, sabotage: Any = None) -> dict:
-    """Train one layout on this rank; rank 0 returns records and canonical parameters."""
+    """Train one layout on this rank; rank 0 returns records, canonical parameters, validation losses and
+    the number of graphs dynamo compiled (train.compile)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     from moe_train.parallel import materialize
     from moe_train.train import trainer as trainer_module
 
+    torch._dynamo.reset()  # per layout: compile afresh and count the graphs train.compile makes
+    counters.clear()
     cfg = layout_config(overrides, run_dir)
     groups = build_process_groups(cfg, world_size, rank)
     original = materialize.shard_model
@@ -104,7 +110,8 @@ def train_layout(rank: int, world_size: int, overrides: list[str], run_dir: Path
     records = trainer.fit()
     params = canonical_parameters(trainer.pmodel, groups)
     val = trainer.evaluate()
-    return {"records": [{k: r[k] for k in RECORD_KEYS} for r in records], "params": params, "val": val}
+    records = [{k: r[k] for k in RECORD_KEYS} for r in records]
+    return {"records": records, "params": params, "val": val, "graphs": int(counters["stats"]["unique_graphs"])}
 
 
 def run_layouts(rank: int, world_size: int, layouts: dict[str, list[str]], run_root: Path, sabotage: Any) -> dict:

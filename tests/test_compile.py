@@ -78,17 +78,18 @@ def test_compiled_training_with_recompute_matches_eager(tmp_path: Path, mode: st
     assert compiled["compiled"] == 4 and compiled["graphs"] > 0 and eager["graphs"] == 0
 
 
-def test_config_rejects_compile_with_tp_or_cp() -> None:
+def test_config_takes_compile_with_recompute_tp_and_cp() -> None:
+    cfg = load_config(None, ["train.compile=true", "train.recompute=full", "parallel.tp=2", "parallel.cp=2"])
+    assert cfg.train.compile and cfg.parallel.tp == cfg.parallel.cp == 2
     with pytest.raises(ConfigError, match="train.compile"):
-        load_config(None, ["train.compile=true", "parallel.tp=2"])
-    with pytest.raises(ConfigError, match="train.compile"):
-        load_config(None, ["train.compile=true", "parallel.cp=2"])
-    load_config(None, ["train.compile=true", "train.recompute=full"])  # recompute is allowed
+        load_config(None, ["train.compile=maybe"])
 
 
-def test_compiled_dp2_ep2_pp2_match_the_eager_single_process(tmp_path: Path) -> None:
-    """The compiled regions under the 2-rank layouts the config allows (tp and cp are rejected); the
-    harness's own twin (test_parallel_parity: a wrong reduction is caught) covers the comparison."""
+def test_compiled_2_rank_layouts_match_the_eager_single_process(tmp_path: Path) -> None:
+    """The compiled regions under every 2-rank layout kind: dp, ep, pp, and tp and cp, whose collectives
+    (sequence-parallel gathers, vocab-parallel loss, the K/V all-gather) sit inside the compiled regions;
+    dynamo compiled graphs in each. The harness's own twin (test_parallel_parity: a wrong reduction is
+    caught) covers the comparison."""
     from distributed import run_distributed
     from parity import parity_errors, reference_run, run_layouts
 
@@ -96,9 +97,12 @@ def test_compiled_dp2_ep2_pp2_match_the_eager_single_process(tmp_path: Path) -> 
         "dp2_compile": ["train.compile=true"],
         "ep2_compile": ["parallel.ep=2", "train.compile=true"],
         "pp2_compile": ["parallel.pp=2", "train.compile=true"],
+        "tp2_compile": ["parallel.tp=2", "train.compile=true"],
+        "cp2_compile": ["parallel.cp=2", "train.compile=true"],
     }
     results = dict(run_distributed(run_layouts, 2, layouts, tmp_path / "world2", {}, timeout=600)[0])
     reference = reference_run([], tmp_path / "reference")
     assert sorted(results) == sorted(layouts)
     failures = {name: parity_errors(result, reference)[:5] for name, result in results.items()}
     assert not any(failures.values()), failures
+    assert all(result["graphs"] > 0 for result in results.values()), {n: r["graphs"] for n, r in results.items()}
