@@ -263,8 +263,8 @@ MicroBatch = Union["Batch", tuple[torch.Tensor, torch.Tensor]]
 class PipelineStepResult:
     """One step's losses and MoE statistics; every field but `micro_losses` is equal on all pp ranks.
 
-    Has the fields of moe_train.train.step.StepStats (lm_loss, lbl, zloss, domain_sum, domain_count,
-    expert_counts_LE), so the trainer can reduce it over DP replicas like a single-stage step's.
+    The trainer turns it into the device totals of a single-stage step (moe_train.train.step) and reduces
+    it over DP replicas in the same way.
     """
 
     micro_losses: list[torch.Tensor] | None
@@ -296,11 +296,6 @@ class PipelineStepResult:
     def zloss(self) -> float:
         """Mean over MoE layers and micro-batches of the router z-loss (0 without MoE layers)."""
         return float(self.zloss_LM.mean()) if self.zloss_LM.numel() else 0.0
-
-    @property
-    def expert_counts_LE(self) -> torch.Tensor:
-        """`tokens_per_expert_LE` on the CPU (StepStats' name)."""
-        return self.tokens_per_expert_LE.cpu()
 
 
 @dataclass

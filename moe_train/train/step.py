@@ -98,8 +98,7 @@ def _pipeline_totals(result: PipelineStepResult, device: torch.device) -> StepTo
     def mean_or_zero(x: torch.Tensor) -> torch.Tensor:
         return x.double().mean() if x.numel() else torch.zeros((), dtype=torch.float64, device=device)
 
-    sums_3 = torch.stack([mean_or_zero(result.lm_loss_M.to(device)), mean_or_zero(result.lbl_LM.to(device))])
-    sums_3 = torch.cat([sums_3, mean_or_zero(result.zloss_LM.to(device)).view(1)])
+    sums_3 = torch.stack([mean_or_zero(x.to(device)) for x in (result.lm_loss_M, result.lbl_LM, result.zloss_LM)])
     domain_sum, domain_count = result.domain_sum.to(device), result.domain_count.to(device)
     return StepTotals(sums_3, domain_sum, domain_count, result.tokens_per_expert_LE.to(device))
 
